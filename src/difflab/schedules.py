@@ -1,0 +1,174 @@
+"""Noise schedules (tutorial §3.2) and the forward process q(x_t | x_0) (tutorial §2.2, §4.1).
+
+Two coordinate systems describe the same noisy image:
+
+* DDPM ("variance preserving") coordinates, as in the tutorial:
+  ``x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps``                   (Ho et al. 2020, eq. 4)
+* sigma coordinates (Karras et al. 2022, "EDM"), used by every denoiser and sampler here:
+  ``x = x0 + sigma * eps``  with  ``x = x_t / sqrt(abar_t)``  and  ``sigma_t = sqrt((1 - abar_t) / abar_t)``.
+
+Everything derived from the betas is computed once, in float64, by :func:`make_schedule`; sampling-time
+sigma grids come from :func:`sampling_sigmas`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from difflab.errors import DifflabError
+
+# ---------------------------------------------------------------------------------------------------
+# Beta schedules. Each returns betas (T,) in float64.
+
+
+def betas_linear(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Linear schedule of DDPM (Ho et al. 2020, §4): beta_t from beta_start to beta_end."""
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def betas_quadratic(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Quadratic schedule: sqrt(beta_t) is linear (tutorial §3.2 "平方调度"; diffusers' "scaled_linear")."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+
+
+def betas_cosine(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Cosine schedule (Nichol & Dhariwal 2021, eq. 17):
+    abar(t) = f(t) / f(0),  f(t) = cos^2(((t / T + s) / (1 + s)) * pi / 2),
+    beta_t = 1 - abar(t) / abar(t - 1), clipped at max_beta to avoid the singularity at t = T."""
+    t = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    abar = f / f[0]
+    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+
+
+def betas_sigmoid(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Sigmoid schedule (Xu et al. 2022, GeoDiff): beta_t = beta_start + (beta_end - beta_start) * sigmoid(u),
+    u linear from -6 to 6."""
+    u = torch.linspace(-6, 6, T, dtype=torch.float64)
+    return torch.sigmoid(u) * (beta_end - beta_start) + beta_start
+
+
+BETA_SCHEDULES = {
+    "linear": betas_linear,
+    "cosine": betas_cosine,
+    "quadratic": betas_quadratic,
+    "sigmoid": betas_sigmoid,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Derived quantities, all float64, each from one line of the paper.
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """A discrete-time DDPM schedule and every quantity derived from it (float64, shape (T,)).
+
+    Index t = 0 .. T-1 corresponds to the paper's t = 1 .. T.
+    """
+
+    name: str
+    betas: torch.Tensor
+    alphas: torch.Tensor  # alpha_t = 1 - beta_t
+    alphas_cumprod: torch.Tensor  # abar_t = prod_{s<=t} alpha_s                          (DDPM eq. 4)
+    alphas_cumprod_prev: torch.Tensor  # abar_{t-1}, with abar_0 = 1
+    posterior_variance: torch.Tensor  # beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t  (DDPM eq. 7)
+    posterior_mean_coef_x0: torch.Tensor  # sqrt(abar_{t-1}) beta_t / (1 - abar_t)           (DDPM eq. 7)
+    posterior_mean_coef_xt: torch.Tensor  # sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t)    (DDPM eq. 7)
+    sigmas: torch.Tensor  # sigma_t = sqrt((1 - abar_t) / abar_t), the EDM noise level
+
+    @property
+    def T(self) -> int:
+        return len(self.betas)
+
+
+def make_schedule(name: str = "linear", T: int = 1000, **kwargs) -> NoiseSchedule:
+    """Build a :class:`NoiseSchedule` from a beta schedule name ("linear", "cosine", "quadratic", "sigmoid")."""
+    if name not in BETA_SCHEDULES:
+        raise DifflabError(f"unknown noise schedule '{name}' (choose from {', '.join(BETA_SCHEDULES)})")
+    if T < 2:
+        raise DifflabError(f"the number of diffusion steps T must be at least 2, got {T}")
+    betas = BETA_SCHEDULES[name](T, **kwargs)
+    alphas = 1.0 - betas
+    abar = torch.cumprod(alphas, dim=0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    return NoiseSchedule(
+        name=name,
+        betas=betas,
+        alphas=alphas,
+        alphas_cumprod=abar,
+        alphas_cumprod_prev=abar_prev,
+        posterior_variance=betas * (1.0 - abar_prev) / (1.0 - abar),
+        posterior_mean_coef_x0=betas * abar_prev.sqrt() / (1.0 - abar),
+        posterior_mean_coef_xt=(1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar),
+        sigmas=((1.0 - abar) / abar).sqrt(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The forward process.
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """Sample q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I)   (tutorial §2.2; DDPM eq. 4).
+
+    ``t`` holds integer timesteps (N,). In sigma coordinates the same draw is ``x0 + sigma_t * noise``
+    (see :func:`add_noise`), scaled by sqrt(abar_t)."""
+    abar = schedule.alphas_cumprod.to(x0.device)[t].to(x0.dtype)
+    abar = abar.view(-1, *([1] * (x0.ndim - 1)))
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def add_noise(x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The forward process in sigma coordinates: x = x0 + sigma * noise (Karras et al. 2022, eq. 1)."""
+    return x0 + sigma.view(-1, *([1] * (x0.ndim - 1))) * noise
+
+
+def sigma_to_t(sigma: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """Map noise levels onto the (continuous) timestep axis of a discrete schedule.
+
+    Exact for the schedule's own sigmas; in between, linear interpolation in log-sigma (k-diffusion's
+    convention), so any sigma grid can drive a network trained on discrete timesteps."""
+    log_sigmas = schedule.sigmas.log().to(device=sigma.device)
+    log_sigma = sigma.to(torch.float64).clamp(min=schedule.sigmas[0].item(), max=schedule.sigmas[-1].item()).log()
+    idx = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(log_sigmas) - 1)
+    lo, hi = log_sigmas[idx - 1], log_sigmas[idx]
+    w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+    return (idx - 1).to(torch.float64) + w
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling-time grids (tutorial §5.2, §8.1 子序列采样).
+
+SPACINGS = ("uniform", "trailing", "leading")
+
+
+def sampling_timesteps(T: int, steps: int, spacing: str = "uniform") -> torch.Tensor:
+    """A decreasing subsequence of ``steps`` integer timesteps out of 0..T-1 (DDIM, Song et al. 2021, §4.2).
+
+    uniform:  round(linspace(0, T-1, steps))                    (diffusers "linspace")
+    trailing: round(arange(T, 0, -T/steps)) - 1  — always starts at the last timestep (Lin et al. 2024)
+    leading:  arange(steps) * (T // steps)       — the original DDIM choice (diffusers' default)
+    """
+    if not 1 <= steps <= T:
+        raise DifflabError(f"the number of sampling steps must be between 1 and T={T}, got {steps}")
+    if spacing == "uniform":
+        ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
+    elif spacing == "trailing":
+        ts = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1).long()
+    elif spacing == "leading":
+        ts = torch.arange(steps, dtype=torch.long) * (T // steps)
+    else:
+        raise DifflabError(f"unknown timestep spacing '{spacing}' (choose from {', '.join(SPACINGS)})")
+    return ts.sort(descending=True).values
+
+
+def sampling_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "uniform") -> torch.Tensor:
+    """The sigma grid (steps + 1,) float64 for a sampler: the subsequence's sigmas, decreasing, then 0.
+
+    With steps == T and any spacing this is the full DDPM chain sigma_T, ..., sigma_1, 0."""
+    ts = sampling_timesteps(schedule.T, steps, spacing)
+    return torch.cat([schedule.sigmas[ts], torch.zeros(1, dtype=torch.float64)])
