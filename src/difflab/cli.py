@@ -1,0 +1,167 @@
+"""The ``difflab`` command line: thin, it only parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import typing
+from pathlib import Path
+
+from difflab.errors import DifflabError
+
+EPILOG_TRAIN = """examples:
+  difflab train                                  # tiny U-Net on the bundled 8x8 digits (CPU, a few minutes)
+  difflab train --dataset fashion-mnist --preset small --steps 20000 --batch-size 128
+  difflab train --dataset ./my_photos --image-size 64 --preset small
+  difflab train --config run.yaml --lr 1e-4      # flags override the file
+  difflab train --resume runs/digits --steps 10000
+
+every run folder holds config.json, log.jsonl, loss.png, samples.png (+ samples/step_*.png) and
+checkpoints/step_*/ (safetensors weights + EMA + JSON config + optimizer state)."""
+
+EPILOG_SAMPLE = """examples:
+  difflab sample runs/digits                               # DDIM, 50 steps, 64 images -> runs/digits/generated/
+  difflab sample runs/digits --sampler ddpm -n 16 --seed 3   # the full 1000-step ancestral chain
+  difflab sample runs/digits --sampler ddim --steps 20 --eta 0.5 --individual --out pics/
+
+DDIM with eta = 0 is deterministic (Euler on the probability-flow ODE); eta = 1 is DDPM's ancestral step.
+The same --seed gives the same images whatever the batch size; image i uses seed + i."""
+
+
+def _flag_type(hint):
+    """The argparse type for a TrainConfig field's type hint."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    base = args[0]
+    if base is bool:
+        return lambda s: _parse_bool(s)
+    return base
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
+
+
+def add_train_parser(sub) -> None:
+    from difflab.config import TrainConfig
+
+    p = sub.add_parser("train", help="train a diffusion model", description="Train a DDPM-style diffusion model "
+                       "(tutorial §4.1) and write samples, a loss plot and checkpoints to a run folder.",
+                       epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (flags override it)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model":
+            continue  # a nested dict: config files only
+        default = f.default if f.default is not dataclasses.MISSING else None
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_flag_type(hints[f.name]),
+                       default=argparse.SUPPRESS, metavar=f.name.split("_")[-1].upper(),
+                       help=f"{f.metadata['help']} (default: {default})")
+
+
+def add_sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate images from a trained model",
+                       description="Generate images from a run folder or checkpoint (EMA weights by default).",
+                       epilog=EPILOG_SAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run folder (its newest checkpoint) or a checkpoint folder")
+    p.add_argument("--sampler", default="ddim", help="ddim or ddpm (default: ddim)")
+    p.add_argument("--steps", type=int, default=None, help="number of denoising steps (default: 50 for ddim, T for ddpm)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default: 0, deterministic)")
+    p.add_argument("--variance", default="posterior", choices=["posterior", "beta"],
+                   help="DDPM step variance: the posterior beta~_t or beta_t (default: posterior)")
+    p.add_argument("--spacing", default="uniform", choices=["uniform", "trailing", "leading"],
+                   help="which timesteps a shortened schedule keeps (default: uniform)")
+    p.add_argument("-n", "--num", type=int, default=64, help="how many images (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per network call (default: 256)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/generated)")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="write one grid PNG (default: on)")
+    p.add_argument("--individual", action="store_true", help="also write one PNG per image")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
+    p.add_argument("--no-clip", action="store_true", help="do not clamp the x0 estimate to [-1, 1]")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from difflab.config import load_config_file
+    from difflab.train import train
+
+    special = {"config", "resume", "overwrite", "quiet", "command"}
+    flags = {k: v for k, v in vars(args).items() if k not in special}
+    data = load_config_file(args.config) if args.config else {}
+    started = time.perf_counter()
+    if args.resume:
+        run = train(resume=args.resume, progress=not args.quiet, **{**data, **flags})
+    else:
+        run = train({**data, **flags}, overwrite=args.overwrite, progress=not args.quiet)
+    minutes = (time.perf_counter() - started) / 60
+    print(f"done in {minutes:.1f} min: {run}  (samples: {run / 'samples.png'}, loss plot: {run / 'loss.png'})")
+    print(f"sample more with: difflab sample {run}")
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from difflab.pipeline import generate, load_model
+    from difflab.viz import save_grid, to_pil
+
+    model = load_model(args.model, weights=args.weights, device=args.device)
+    options = {"eta": args.eta} if args.sampler == "ddim" else {"variance": args.variance} if args.sampler == "ddpm" else {}
+    started = time.perf_counter()
+    with torch.autocast("cuda", torch.bfloat16) if model.device.type == "cuda" else torch.autocast("cpu", enabled=False):
+        images = generate(model.denoiser, model.image_shape, args.num, sampler=args.sampler, steps=args.steps,
+                          spacing=args.spacing, seed=args.seed, batch_size=args.batch_size, clip=not args.no_clip,
+                          progress=not args.quiet, **options)
+    seconds = time.perf_counter() - started
+    run_dir = model.checkpoint.parent.parent if model.checkpoint.parent.name == "checkpoints" else model.checkpoint
+    out = Path(args.out) if args.out else run_dir / "generated"
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"{args.sampler}_{args.steps or 'default'}steps_seed{args.seed}"
+    written = []
+    if args.grid:
+        written.append(save_grid(images, out / f"{tag}.png"))
+    if args.individual:
+        for i, img in enumerate(to_pil(images)):
+            img.save(out / f"{tag}_{i:05d}.png")
+        written.append(out / f"{tag}_*.png")
+    print(f"{args.num} images in {seconds:.1f} s ({seconds / args.num * 1000:.0f} ms/image) -> "
+          + ", ".join(str(w) for w in written))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from difflab import __version__
+
+    parser = argparse.ArgumentParser(prog="difflab", description="Denoising diffusion models: train, sample.",
+                                     epilog="run 'difflab COMMAND --help' for the options of each command")
+    parser.add_argument("--version", action="version", version=f"difflab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_train_parser(sub)
+    add_sample_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"train": run_train, "sample": run_sample}[args.command](args)
+    except DifflabError as e:
+        print(f"difflab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("difflab: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,119 @@
+"""The training configuration: one dataclass, readable from flags, YAML or JSON, saved with every run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from difflab.errors import DifflabError
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Defaults train the tiny U-Net on the bundled 8x8 digits on a CPU
+    in a few minutes; every field is a ``difflab train`` flag (underscores become dashes)."""
+
+    # data
+    dataset: str = _opt("digits", "dataset name (digits, fashion-mnist, mnist, cifar10) or a folder of images")
+    data_dir: str | None = _opt(None, "where to look for dataset files before downloading them")
+    image_size: int | None = _opt(None, "train at this square size (default: the dataset's own; folders: 64)")
+    channels: int | None = _opt(None, "1 (grayscale) or 3 (RGB); default: the dataset's own")
+    hflip: bool | None = _opt(None, "random horizontal flips (default: on for photos, off for digits and MNIST-like data)")
+    # model
+    preset: str = _opt("tiny", "U-Net size preset: tiny, small, ddpm-cifar10")
+    model: dict = field(default_factory=dict, metadata={"help": "U-Net config overrides, e.g. {base_channels: 48} (config file only)"})
+    prediction: str = _opt("eps", "what the network predicts: eps (the tutorial's noise), x0 or v")
+    weighting: str | None = _opt(None, "loss weighting: eps, x0 or v (default: the same as --prediction, i.e. plain MSE on the output)")
+    schedule: str = _opt("linear", "noise schedule: linear, cosine, quadratic, sigmoid")
+    timesteps: int = _opt(1000, "number of diffusion steps T")
+    # optimisation
+    steps: int = _opt(2000, "training steps (optimizer updates); 2000 suit the bundled digits, real datasets want 20k-800k")
+    batch_size: int = _opt(128, "images per step")
+    lr: float = _opt(2e-3, "peak AdamW learning rate")
+    warmup: int = _opt(200, "linear learning-rate warm-up steps")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this value (0 = off)")
+    ema_decay: float = _opt(0.999, "decay of the exponential moving average of the weights used for sampling")
+    # runtime
+    device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    compile: bool = _opt(False, "torch.compile the U-Net (GPU; pays off for long runs)")
+    seed: int = _opt(0, "random seed for initialisation, data order and noise")
+    # outputs
+    out: str = _opt("runs", "folder that holds run folders")
+    name: str | None = _opt(None, "run folder name (default: the dataset name, numbered if taken)")
+    log_every: int = _opt(50, "log loss and speed every N steps")
+    sample_every: int = _opt(1000, "write a sample grid from a fixed seed every N steps (0 = only at the end)")
+    checkpoint_every: int = _opt(1000, "write a checkpoint every N steps (and always at the end)")
+    keep: int = _opt(3, "keep the newest N checkpoints")
+    num_samples: int = _opt(64, "images in each sample grid")
+    sample_steps: int = _opt(50, "DDIM steps for the sample grids")
+
+    def __post_init__(self):
+        check_types(self)
+
+
+def check_types(cfg) -> None:
+    """Refuse wrong types with one line each (a YAML typo should not become a stack trace mid-run)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
+        allowed = tuple(a for a in allowed if isinstance(a, type))
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            setattr(cfg, f.name, float(value))
+            continue
+        if value is None and type(None) in allowed:
+            continue
+        if isinstance(value, bool) and bool not in allowed:
+            raise DifflabError(f"config '{f.name}' must be {_type_names(allowed)}, got {value!r}")
+        if not isinstance(value, allowed):
+            raise DifflabError(f"config '{f.name}' must be {_type_names(allowed)}, got {value!r}")
+
+
+def _type_names(types) -> str:
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a YAML or JSON config file into a dict of TrainConfig fields (unknown keys are refused)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise DifflabError(f"cannot read config file '{path}': {e.strerror}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:
+        raise DifflabError(f"config file '{path}' is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DifflabError(f"config file '{path}' must hold a mapping of option names to values")
+    check_keys(data, f"config file '{path}'")
+    return data
+
+
+def check_keys(data: dict, where: str) -> None:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise DifflabError(f"{where}: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+
+def make_config(data: dict | None = None, **overrides) -> TrainConfig:
+    """TrainConfig from a dict and keyword overrides, with one-line errors for unknown keys or bad types."""
+    merged = {**(data or {}), **overrides}
+    check_keys(merged, "training config")
+    return TrainConfig(**merged)

@@ -1,0 +1,235 @@
+"""The diffusion U-Net of DDPM (Ho et al. 2020, Appendix B) with ADM's refinements (Dhariwal & Nichol 2021).
+
+    x (N, C, H, W) --conv_in--> [down: num_blocks x (ResBlock [+ Attention]), Downsample] x levels
+                              --> middle: ResBlock, Attention, ResBlock
+                              --> [up: (num_blocks + 1) x (concat skip, ResBlock [+ Attention]), Upsample] x levels
+                              --> GroupNorm, SiLU, conv_out (zero-init) --> (N, out_channels, H, W)
+
+Every ResBlock sees the embedding ``MLP(sinusoid(t)) [+ class_embedding(label)]``. The network owns
+parameters only: it knows nothing about noise schedules or what its output means (eps, x0 or v); that is
+the preconditioning wrapper's job (``difflab.denoisers``). A checkpoint is its weights plus
+``dataclasses.asdict(config)`` as JSON, which rebuilds it with ``UNet(UNetConfig(**json.load(f)))``.
+
+Zero-initialisation: conv_out, the second conv of every ResBlock and every attention output projection
+start at zero (see ``layers.py``), so an untrained U-Net outputs exactly 0 and every block is its skip path:
+an eps-predicting denoiser starts as "predict no noise" (D(x) = x), and training starts well conditioned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from difflab.errors import DifflabError
+from difflab.nn.layers import Attention, Downsample, ResBlock, Upsample, group_norm, timestep_embedding, zero_
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Everything needed to rebuild a :class:`UNet`; round-trips through ``asdict`` -> JSON -> ``UNetConfig(**d)``.
+
+    Lists (as JSON gives back) are turned into tuples; nonsense raises :class:`DifflabError`.
+    """
+
+    image_size: int                      # training resolution (square); sets where attention sits
+    in_channels: int = 1                 # image channels in
+    out_channels: int | None = None      # channels out; None means in_channels
+    base_channels: int = 64              # channels at full resolution; level i has base * channel_mult[i]
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # one entry per resolution level; the image halves between levels
+    num_blocks: int = 2                  # ResBlocks per level on the way down (num_blocks + 1 on the way up)
+    attn_resolutions: tuple[int, ...] = ()  # feature-map sizes (e.g. 16) with self-attention after each ResBlock
+    num_heads: int = 4                   # attention heads; must divide the channels wherever attention is used
+    dropout: float = 0.0                 # dropout inside every ResBlock
+    num_classes: int | None = None       # class-conditional when set: embedding rows 0..num_classes-1 + a "null" row
+    groups: int = 32                     # GroupNorm groups (clamped to gcd(groups, channels))
+    scale_shift: bool = True             # FiLM time conditioning (ADM); False = DDPM's additive embedding
+
+    def __post_init__(self) -> None:
+        for name in ("channel_mult", "attn_resolutions"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        _validate(self)
+
+    @property
+    def downsampling_factor(self) -> int:
+        """How much smaller the lowest-resolution feature map is than the input: ``2 ** (levels - 1)``."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """The feature-map size at each level, top to bottom (e.g. 32, 16, 8, 4)."""
+        return tuple(self.image_size // 2**i for i in range(len(self.channel_mult)))
+
+
+def _validate(c: UNetConfig) -> None:
+    """Raise a one-line :class:`DifflabError` for a config that cannot build a sensible network."""
+    ints = {"image_size": c.image_size, "in_channels": c.in_channels, "base_channels": c.base_channels,
+            "num_blocks": c.num_blocks, "num_heads": c.num_heads, "groups": c.groups}
+    if c.out_channels is not None:
+        ints["out_channels"] = c.out_channels
+    if c.num_classes is not None:
+        ints["num_classes"] = c.num_classes
+    for name, value in ints.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise DifflabError(f"U-Net {name} must be a positive integer, got {value!r}")
+    if not c.channel_mult or any(not isinstance(m, int) or m < 1 for m in c.channel_mult):
+        raise DifflabError(f"U-Net channel_mult must be a non-empty list of positive integers, got {list(c.channel_mult)}")
+    if not 0.0 <= c.dropout < 1.0:
+        raise DifflabError(f"U-Net dropout must be in [0, 1), got {c.dropout}")
+    factor = c.downsampling_factor
+    if c.image_size % factor:
+        fit = max(factor, round(c.image_size / factor) * factor)
+        raise DifflabError(
+            f"image size {c.image_size} is not divisible by the U-Net's downsampling factor {factor} "
+            f"({len(c.channel_mult)} levels in channel_mult): resize or pad the images to {fit}, "
+            f"or use fewer levels")
+    bad = [r for r in c.attn_resolutions if r not in c.resolutions]
+    if bad:
+        raise DifflabError(f"attention resolution(s) {bad} never occur: the feature maps of a {c.image_size}px "
+                           f"U-Net with {len(c.channel_mult)} levels are {list(c.resolutions)}")
+    # Attention runs at the listed levels and always in the middle (the last level's channel count).
+    attn_levels = {i for i, r in enumerate(c.resolutions) if r in c.attn_resolutions} | {len(c.channel_mult) - 1}
+    for i in sorted(attn_levels):
+        ch = c.base_channels * c.channel_mult[i]
+        if ch % c.num_heads:
+            raise DifflabError(f"num_heads {c.num_heads} does not divide the {ch} channels at resolution "
+                               f"{c.resolutions[i]} where attention runs; choose a divisor of {ch}")
+
+
+# Named sizes. ``attn_divisors`` puts attention at image_size // d; unet_config() resolves it into the
+# absolute ``attn_resolutions`` that the stored config holds.
+PRESETS: dict[str, dict] = {
+    # CPU tests and the 8x8 digits demo: 8 -> 4, attention at 4x4.
+    "tiny": dict(base_channels=32, channel_mult=(1, 2), num_blocks=1, attn_divisors=(2,), num_heads=4,
+                 dropout=0.0),
+    # Fashion-MNIST 28 -> 14 -> 7 (or 32 -> 16 -> 8), attention at the lowest resolution.
+    "small": dict(base_channels=64, channel_mult=(1, 2, 2), num_blocks=2, attn_divisors=(4,), num_heads=4,
+                  dropout=0.1),
+    # DDPM's CIFAR-10 model (35.7M parameters): additive time embedding, one head, attention at 16x16.
+    "ddpm-cifar10": dict(base_channels=128, channel_mult=(1, 2, 2, 2), num_blocks=2, attn_divisors=(2,),
+                         num_heads=1, dropout=0.1, scale_shift=False),
+}
+
+
+def unet_config(preset: str, *, image_size: int, in_channels: int, **overrides) -> UNetConfig:
+    """The :class:`UNetConfig` of a named preset for images of ``image_size`` with ``in_channels``;
+    ``overrides`` replace any field (e.g. ``num_classes=10``, ``attn_resolutions=(8, 16)``)."""
+    if preset not in PRESETS:
+        raise DifflabError(f"unknown U-Net preset '{preset}' (choose from {', '.join(PRESETS)})")
+    fields = {f.name for f in dataclasses.fields(UNetConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise DifflabError(f"unknown U-Net option(s) {', '.join(unknown)} (valid: {', '.join(sorted(fields))})")
+    kwargs = dict(PRESETS[preset])
+    divisors = kwargs.pop("attn_divisors")
+    kwargs["attn_resolutions"] = tuple(image_size // d for d in divisors)
+    kwargs.update(overrides)
+    return UNetConfig(image_size=image_size, in_channels=in_channels, **kwargs)
+
+
+class Level(nn.Module):
+    """The blocks at one resolution: ResBlocks, each followed by Attention or Identity, then an optional
+    resampling layer. A container only: :meth:`UNet.forward` walks it, because skip connections are pushed
+    (down) or popped (up) between its blocks."""
+
+    def __init__(self, blocks: list[ResBlock], attns: list[nn.Module], resample: nn.Module | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList(attns)
+        self.resample = resample
+
+
+class UNet(nn.Module):
+    """The diffusion U-Net: ``UNet(config)(x, t, class_labels) -> (N, out_channels, H, W)``.
+
+    ``t`` is a float tensor of (possibly non-integer) timesteps, shape (N,) or a scalar. ``class_labels`` is
+    (N,) long or None; with ``num_classes`` set, None (or the label ``num_classes``) means the learned null
+    class that classifier-free guidance uses. See the module doc for the layout and the zero-initialisation.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        emb_dim = 4 * c.base_channels
+        block = dict(emb_dim=emb_dim, dropout=c.dropout, groups=c.groups, scale_shift=c.scale_shift)
+        attn = dict(num_heads=c.num_heads, groups=c.groups)
+        widths = [c.base_channels * m for m in c.channel_mult]
+        use_attn = [r in c.attn_resolutions for r in c.resolutions]
+
+        # Timestep (and class) embedding: sinusoid of width base_channels, then an MLP to 4 * base_channels.
+        self.time_mlp = nn.Sequential(nn.Linear(c.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes is not None else None
+
+        self.conv_in = nn.Conv2d(c.in_channels, c.base_channels, 3, padding=1)
+        skips = [c.base_channels]  # channels of every tensor pushed for the up path, in push order
+        ch = c.base_channels
+        self.down = nn.ModuleList()
+        for i, width in enumerate(widths):
+            blocks, attns = [], []
+            for _ in range(c.num_blocks):
+                blocks.append(ResBlock(ch, width, **block))
+                attns.append(Attention(width, **attn) if use_attn[i] else nn.Identity())
+                ch = width
+                skips.append(ch)
+            last = i == len(widths) - 1
+            self.down.append(Level(blocks, attns, None if last else Downsample(ch)))
+            if not last:
+                skips.append(ch)
+
+        self.mid_block1 = ResBlock(ch, ch, **block)
+        self.mid_attn = Attention(ch, **attn)
+        self.mid_block2 = ResBlock(ch, ch, **block)
+
+        self.up = nn.ModuleList()
+        for i, width in reversed(list(enumerate(widths))):
+            blocks, attns = [], []
+            for _ in range(c.num_blocks + 1):  # one more than down: the downsample's output is a skip too
+                blocks.append(ResBlock(ch + skips.pop(), width, **block))
+                attns.append(Attention(width, **attn) if use_attn[i] else nn.Identity())
+                ch = width
+            self.up.append(Level(blocks, attns, Upsample(ch) if i > 0 else None))
+        assert not skips, "every skip connection must be consumed"
+
+        self.norm_out = group_norm(ch, c.groups)
+        # Zero: the untrained network outputs exactly 0 (see the module doc).
+        self.conv_out = zero_(nn.Conv2d(ch, c.out_channels or c.in_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.config
+        n, channels, height, width = x.shape
+        if channels != c.in_channels or height % c.downsampling_factor or width % c.downsampling_factor:
+            raise DifflabError(f"U-Net input of shape {tuple(x.shape)} does not fit the model: it needs "
+                               f"{c.in_channels} channels and sides divisible by {c.downsampling_factor}")
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(n)  # (N,)
+        emb = self.time_mlp(timestep_embedding(t, c.base_channels))  # (N, E)
+        if self.class_embed is not None:
+            if class_labels is None:
+                class_labels = torch.full((n,), c.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.class_embed(class_labels)  # (N, E)
+        elif class_labels is not None:
+            raise DifflabError("class labels were given to an unconditional U-Net (set num_classes in its config)")
+
+        h = self.conv_in(x)  # (N, base, H, W)
+        hs = [h]
+        for level in self.down:
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(h, emb))  # (N, width, H_i, W_i)
+                hs.append(h)
+            if level.resample is not None:
+                h = level.resample(h)  # (N, width, H_i / 2, W_i / 2)
+                hs.append(h)
+
+        h = self.mid_block1(h, emb)  # (N, ch, H / f, W / f)
+        h = self.mid_attn(h)  # (N, ch, H / f, W / f)
+        h = self.mid_block2(h, emb)  # (N, ch, H / f, W / f)
+
+        for level in self.up:
+            for block, attn in zip(level.blocks, level.attns):
+                h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))  # (N, width, H_i, W_i)
+            if level.resample is not None:
+                h = level.resample(h)  # (N, width, 2 H_i, 2 W_i)
+
+        return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))  # (N, out_channels, H, W)
+

@@ -1,0 +1,164 @@
+"""Build a model from its JSON config, load a trained one, and generate images with any sampler.
+
+    import difflab
+    model = difflab.load_model("runs/digits")            # newest checkpoint, EMA weights
+    images = difflab.sample(model, n=16, sampler="ddim", steps=50, seed=0)   # (16, C, H, W) in [0, 1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from difflab.checkpoint import load_weights, read_config, resolve_checkpoint
+from difflab.denoisers import Denoiser
+from difflab.errors import DifflabError
+from difflab.guidance import clip_x0
+from difflab.nn import UNet, UNetConfig
+from difflab.samplers import get_sampler
+from difflab.schedules import make_schedule, sampling_sigmas
+
+MODEL_FORMAT = "difflab-model-1"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise DifflabError(f"unknown device '{device}' (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DifflabError("--device cuda was asked for but PyTorch sees no CUDA GPU (use --device cpu)")
+    return device
+
+
+def model_config(unet: UNetConfig, *, prediction: str, schedule: str, timesteps: int, data: dict) -> dict:
+    """The JSON that rebuilds a trained denoiser (stored as config.json in every checkpoint)."""
+    return {
+        "format": MODEL_FORMAT,
+        "unet": dataclasses.asdict(unet),
+        "prediction": prediction,
+        "schedule": {"name": schedule, "timesteps": timesteps},
+        "data": data,  # name, channels, image_size, class_names: what the model generates
+    }
+
+
+def build_denoiser(config: dict) -> Denoiser:
+    """A freshly initialised denoiser (U-Net + preconditioning) from a :func:`model_config` dict."""
+    if config.get("format") != MODEL_FORMAT:
+        raise DifflabError(f"not a difflab model config (format {config.get('format')!r}, expected {MODEL_FORMAT!r})")
+    try:
+        unet = UNet(UNetConfig(**config["unet"]))
+        schedule = make_schedule(config["schedule"]["name"], config["schedule"]["timesteps"])
+        return Denoiser(unet, schedule, config["prediction"])
+    except (KeyError, TypeError) as e:
+        raise DifflabError(f"model config is incomplete or has unknown fields: {e}") from None
+
+
+@dataclass
+class Model:
+    """A trained denoiser with the config that describes it."""
+
+    denoiser: Denoiser
+    config: dict
+    checkpoint: Path | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        u = self.config["unet"]
+        return (u["in_channels"], u["image_size"], u["image_size"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+
+def load_model(path: str | Path, *, weights: str = "ema", device: str | torch.device = "auto") -> Model:
+    """Load a run folder (its newest checkpoint) or a checkpoint folder; EMA weights by default."""
+    checkpoint = resolve_checkpoint(path)
+    config = read_config(checkpoint)
+    denoiser = build_denoiser(config)
+    state = load_weights(checkpoint, weights)
+    missing, unexpected = denoiser.net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DifflabError(f"weights in {checkpoint} do not match its config.json "
+                           f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    return Model(denoiser.to(resolve_device(device)).eval(), config, checkpoint)
+
+
+def initial_noise(shape: tuple[int, ...], sigma_max: float, generators: list[torch.Generator], device) -> torch.Tensor:
+    """x at the first noise level. A DDPM starts from x_T ~ N(0, I), i.e. x = x_T / sqrt(abar_T) in sigma
+    coordinates: standard deviation sqrt(1 + sigma_max^2)."""
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    return noise * math.sqrt(1.0 + sigma_max**2)
+
+
+@torch.no_grad()
+def generate(
+    denoiser: Denoiser,
+    image_shape: tuple[int, int, int],
+    n: int,
+    *,
+    sampler: str = "ddim",
+    steps: int | None = None,
+    spacing: str = "uniform",
+    seed: int = 0,
+    batch_size: int = 256,
+    clip: bool = True,
+    cond: torch.Tensor | None = None,
+    progress: bool = False,
+    **options,
+) -> torch.Tensor:
+    """Sample ``n`` images in [-1, 1] (float32, on the denoiser's device).
+
+    Image i always comes from seed ``seed + i``, whatever the batch size. ``steps`` defaults to T for
+    DDPM and 50 for DDIM; ``options`` go to the sampler (``eta`` for DDIM, ``variance`` for DDPM)."""
+    if n < 1:
+        raise DifflabError(f"the number of images must be at least 1, got {n}")
+    sample_fn = get_sampler(sampler)
+    schedule = denoiser.schedule
+    steps = steps or (schedule.T if sampler == "ddpm" else 50)
+    sigmas = sampling_sigmas(schedule, steps, spacing)
+    device = next(denoiser.parameters()).device
+    den = clip_x0(denoiser) if clip else denoiser
+    out = []
+    bar = tqdm(total=n * steps, desc=f"sampling ({sampler}, {steps} steps)", unit="img-step", disable=not progress)
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(start, stop)]
+        x = initial_noise(image_shape, float(sigmas[0]), gens, device)
+        c = cond[start:stop] if cond is not None else None
+        cb = (lambda i, s, x_, x0, k=stop - start: bar.update(k)) if progress else None
+        out.append(sample_fn(den, x, sigmas, cond=c, generator=gens, callback=cb, **options))
+    bar.close()
+    return torch.cat(out)
+
+
+def sample(
+    model: Model | str | Path,
+    n: int = 16,
+    *,
+    output: str = "tensor",
+    device: str | torch.device = "auto",
+    **kwargs,
+):
+    """Generate ``n`` images from a :class:`Model` or a run/checkpoint path.
+
+    Returns a float tensor (n, C, H, W) in [0, 1] (``output="tensor"``) or a list of PIL images
+    (``output="pil"``). Keyword arguments as in :func:`generate` (sampler, steps, eta, seed, ...)."""
+    if not isinstance(model, Model):
+        model = load_model(model, device=device)
+    images = generate(model.denoiser, model.image_shape, n, **kwargs)
+    if output == "pil":
+        from difflab.viz import to_pil
+
+        return to_pil(images)
+    if output != "tensor":
+        raise DifflabError(f"output must be 'tensor' or 'pil', got '{output}'")
+    return ((images.clamp(-1, 1) + 1) / 2).cpu()

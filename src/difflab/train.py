@@ -1,0 +1,287 @@
+"""The training loop (tutorial §4.1; DDPM Algorithm 1), one function that reads top to bottom:
+data -> noise -> loss -> step -> EMA -> log -> sample grid -> checkpoint.
+
+    import difflab
+    run = difflab.train(dataset="digits", steps=3000)      # -> Path of the run folder
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from difflab.checkpoint import (
+    latest_valid_checkpoint,
+    load_training_state,
+    load_weights,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_checkpoint,
+    write_json,
+)
+from difflab.config import TrainConfig, make_config
+from difflab.data import load_dataset
+from difflab.denoisers import Denoiser
+from difflab.errors import DifflabError
+from difflab.losses import denoising_loss
+from difflab.nn import UNet, unet_config
+from difflab.pipeline import generate, model_config, resolve_device
+from difflab.schedules import make_schedule
+from difflab.viz import plot_loss, save_grid
+
+PHOTO_DATASETS = ("cifar10",)  # datasets where a mirror image is still a plausible image
+# fields that shape the model or the data: a resumed run must keep them
+FROZEN_ON_RESUME = ("dataset", "image_size", "channels", "preset", "model", "prediction", "schedule", "timesteps",
+                    "batch_size", "seed", "weighting", "hflip")
+
+
+def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
+    """A fresh run folder. A default name is numbered when taken; an explicit one is never overwritten
+    unless asked, so no earlier run is lost."""
+    out = Path(cfg.out)
+    base = cfg.name or Path(cfg.dataset.rstrip("/")).name or "run"
+    run = out / base
+    if run.exists() and any(run.iterdir()):
+        if overwrite:
+            import shutil
+
+            shutil.rmtree(run)
+        elif cfg.name is None:
+            k = 2
+            while (out / f"{base}-{k}").exists():
+                k += 1
+            run = out / f"{base}-{k}"
+        else:
+            raise DifflabError(f"run folder '{run}' already exists: use --resume {run} to continue it, "
+                               "--overwrite to replace it, or another --name")
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """The dataset indices of a step: epochs are seeded permutations, so the order is a pure function
+    of the step and resuming needs no data-loader state."""
+    start, stop = step * batch_size, (step + 1) * batch_size
+    epochs = range(start // n, (stop - 1) // n + 1)
+    order = torch.cat([_epoch_permutation(e, n, seed) for e in epochs])
+    offset = start - epochs[0] * n
+    return order[offset: offset + batch_size]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(epoch: int, n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to the peak rate, then constant (as in DDPM)."""
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None = None, overwrite: bool = False,
+          progress: bool = True, **overrides) -> Path:
+    """Train a diffusion model and return its run folder (config, log, loss.png, sample grids, checkpoints).
+
+    ``config`` is a :class:`TrainConfig` or a dict of its fields; keyword overrides win. With ``resume``
+    (a run folder) training continues from its newest checkpoint: weights, EMA, optimizer, step counter,
+    data order and random states are restored, so the result is the same as an uninterrupted run."""
+    if resume is not None:
+        run_dir = Path(resume)
+        saved = run_dir / "config.json"
+        if not saved.is_file():
+            raise DifflabError(f"cannot resume: '{run_dir}' is not a run folder (no config.json)")
+        base = json.loads(saved.read_text())
+        changed = [k for k in FROZEN_ON_RESUME if k in overrides and overrides[k] != base.get(k)]
+        if changed:
+            raise DifflabError(f"cannot change {', '.join(changed)} when resuming a run")
+        cfg = make_config(base, **overrides)
+    else:
+        cfg = config if isinstance(config, TrainConfig) else make_config(config, **overrides)
+        if isinstance(config, TrainConfig) and overrides:
+            cfg = dataclasses.replace(cfg, **overrides)
+    for name in ("steps", "batch_size", "timesteps", "log_every", "checkpoint_every", "num_samples", "sample_steps"):
+        if getattr(cfg, name) < 1:
+            raise DifflabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise DifflabError(f"--ema-decay must lie in [0, 1), got {cfg.ema_decay}")
+
+    device = resolve_device(cfg.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+
+    # ---- data: the whole dataset as uint8 on the device (all supported datasets fit)
+    data = load_dataset(cfg.dataset, image_size=cfg.image_size, channels=cfg.channels, data_dir=cfg.data_dir,
+                        progress=progress)
+    n, channels, height, width = data.images.shape
+    if height != width:
+        raise DifflabError(f"images must be square for the U-Net, got {height}x{width} (set --image-size)")
+    hflip = cfg.hflip if cfg.hflip is not None else (data.name in PHOTO_DATASETS or data.name.startswith("folder"))
+    images = data.images.to(device)
+
+    # ---- model: U-Net + preconditioning, an EMA copy, AdamW
+    ucfg = unet_config(cfg.preset, image_size=height, in_channels=channels, **cfg.model)
+    schedule = make_schedule(cfg.schedule, cfg.timesteps)
+    net = UNet(ucfg).to(device)
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    denoiser = Denoiser(torch.compile(net) if cfg.compile else net, schedule, cfg.prediction)
+    sample_denoiser = Denoiser(ema, schedule, cfg.prediction).eval()
+    weighting = cfg.weighting or cfg.prediction
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None)
+    mconfig = model_config(ucfg, prediction=cfg.prediction, schedule=cfg.schedule, timesteps=cfg.timesteps,
+                           data={"name": data.name, "channels": channels, "image_size": height,
+                                 "class_names": data.class_names})
+    sigmas = schedule.sigmas.to(device=device, dtype=torch.float32)
+    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+
+    # ---- run folder, or the state of the run being resumed
+    start, skipped = 0, 0
+    if resume is not None:
+        checkpoint = latest_valid_checkpoint(run_dir)
+        if checkpoint is not None:
+            net.load_state_dict(load_weights(checkpoint, "model"))
+            ema.load_state_dict(load_weights(checkpoint, "ema"))
+            tensors, meta = load_training_state(checkpoint)
+            optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
+            torch.set_rng_state(tensors["rng.torch"])
+            noise_gen.set_state(tensors["rng.noise"])
+            if cuda and "rng.cuda" in tensors:
+                torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+            start, skipped = meta["step"], meta.get("skipped", 0)
+        _truncate_log(run_dir / "log.jsonl", start)
+        if start >= cfg.steps:
+            print(f"{run_dir} has already trained {start} steps (asked for {cfg.steps}); raise --steps to go on")
+            return run_dir
+    else:
+        run_dir = prepare_run_dir(cfg, overwrite)
+    write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+
+    def checkpoint_now(step: int) -> Path:
+        tensors, opt_meta = optimizer_to_tensors(optimizer)
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.noise"] = noise_gen.get_state()
+        if cuda:
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+        return save_checkpoint(run_dir, step, model=net, ema=ema, config=mconfig, state_tensors=tensors,
+                               state_json={"optimizer": opt_meta, "skipped": skipped}, keep=cfg.keep)
+
+    def sample_grid(step: int) -> None:
+        with torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext():
+            grid = generate(sample_denoiser, (channels, height, width), cfg.num_samples, sampler="ddim",
+                            steps=cfg.sample_steps, seed=0)
+        save_grid(grid, run_dir / "samples" / f"step_{step:07d}.png")
+        save_grid(grid, run_dir / "samples.png")
+
+    # ---- the loop
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
+    params = [p for p in net.parameters()]
+    ema_params = [p for p in ema.parameters()]
+    log_file = open(run_dir / "log.jsonl", "a")
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"training {run_dir.name}", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    loss_sum, loss_count, t_last, step = 0.0, 0, time.perf_counter(), start
+    net.train()
+    stop = GracefulStop()
+    try:
+        for step in range(start, cfg.steps):
+            # data: a batch in [-1, 1], optionally mirrored
+            x0 = images[batch_indices(step, cfg.batch_size, n, cfg.seed).to(device)].float() / 127.5 - 1
+            if hflip:
+                flip = torch.rand(x0.shape[0], generator=noise_gen, device=device) < 0.5
+                x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+            if cuda:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            # noise: t ~ U{1..T}, eps ~ N(0, I)   (DDPM Algorithm 1, lines 3-4)
+            t = torch.randint(0, schedule.T, (x0.shape[0],), generator=noise_gen, device=device)
+            noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+            # loss: ||eps - eps_theta(sqrt(abar) x0 + sqrt(1 - abar) eps, t)||^2 and its equivalents
+            with autocast:
+                loss = denoising_loss(denoiser, x0, sigmas[t], noise, weighting=weighting).mean()
+            # step
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                skipped += 1  # a non-finite step changes nothing: no update, no EMA
+                continue
+            optimizer.step()
+            # EMA of the weights, with a warm-up so short runs are not dominated by the initialisation
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+            # log
+            loss_sum += loss.item()
+            loss_count += 1
+            done = step + 1
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                now = time.perf_counter()
+                row = {"step": done, "loss": loss_sum / max(1, loss_count), "lr": lr, "grad_norm": float(grad_norm),
+                       "img_per_s": loss_count * cfg.batch_size / (now - t_last), "skipped": skipped}
+                log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+                loss_sum, loss_count, t_last = 0.0, 0, now
+            if cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps:
+                sample_grid(done)
+                plot_loss(run_dir / "log.jsonl", run_dir / "loss.png")
+            if done % cfg.checkpoint_every == 0 and done != cfg.steps:
+                checkpoint_now(done)
+            if stop.requested:
+                path = checkpoint_now(done)
+                raise DifflabError(f"interrupted after step {done}; checkpoint saved in {path}. "
+                                   f"Continue with: difflab train --resume {run_dir}")
+    finally:
+        stop.restore()
+        bar.close()
+        log_file.close()
+    checkpoint_now(cfg.steps)
+    sample_grid(cfg.steps)
+    plot_loss(run_dir / "log.jsonl", run_dir / "loss.png")
+    return run_dir
+
+
+class GracefulStop:
+    """The first Ctrl-C (or SIGTERM) asks the loop to finish its step, checkpoint and stop; a second one
+    interrupts at once."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving a checkpoint (press Ctrl-C again to quit at once)")
+
+    def restore(self):
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log rows written after the checkpoint (they will be written again)."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(r + "\n" for r in rows))

@@ -1,0 +1,76 @@
+"""Pictures people would rather look at than read: sample grids and the loss curve."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (N, C, H, W) -> uint8 (N, C, H, W)."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Images in [-1, 1] (N, C, H, W) -> PIL images (mode L for 1 channel, RGB for 3)."""
+    arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, min_cell: int = 64) -> Image.Image:
+    """Tile images in [-1, 1] into one picture; tiny images (e.g. 8x8 digits) are enlarged (nearest
+    neighbour) so each cell is at least ``min_cell`` pixels wide."""
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    scale = max(1, math.ceil(min_cell / max(h, w)))
+    cells = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    cells = cells.repeat(scale, axis=1).repeat(scale, axis=2)
+    H, W = h * scale, w * scale
+    grid = np.full((ncol * (H + pad) + pad, nrow * (W + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + q * (W + pad): pad + q * (W + pad) + W] = cells[i]
+    return Image.fromarray(grid[..., 0] if c == 1 else grid)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, nrow).save(path)
+    return path
+
+
+def plot_loss(log_path: str | Path, out_path: str | Path) -> Path | None:
+    """Draw ``loss.png`` from the JSONL training log (raw and smoothed loss, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return None
+    steps = np.array([r["step"] for r in rows])
+    loss = np.array([r["loss"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, loss, lw=0.8, alpha=0.5, label="loss")
+    if len(loss) >= 5:
+        k = max(2, len(loss) // 20)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"moving average ({k})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return Path(out_path)
