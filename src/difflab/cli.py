@@ -47,6 +47,10 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
 
 
+def _help(text: str, default) -> str:
+    return text if default is None else f"{text} (default: {default})"
+
+
 def add_train_parser(sub) -> None:
     from difflab.config import TrainConfig
 
@@ -62,9 +66,10 @@ def add_train_parser(sub) -> None:
         if f.name == "model":
             continue  # a nested dict: config files only
         default = f.default if f.default is not dataclasses.MISSING else None
+        is_bool = bool in (typing.get_args(hints[f.name]) or (hints[f.name],))
+        extra = {"nargs": "?", "const": True, "metavar": "BOOL"} if is_bool else {"metavar": f.name.split("_")[-1].upper()}
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_flag_type(hints[f.name]),
-                       default=argparse.SUPPRESS, metavar=f.name.split("_")[-1].upper(),
-                       help=f"{f.metadata['help']} (default: {default})")
+                       default=argparse.SUPPRESS, help=_help(f.metadata["help"], default), **extra)
 
 
 def add_sample_parser(sub) -> None:

@@ -23,8 +23,8 @@ class TrainConfig:
     # data
     dataset: str = _opt("digits", "dataset name (digits, fashion-mnist, mnist, cifar10) or a folder of images")
     data_dir: str | None = _opt(None, "where to look for dataset files before downloading them")
-    image_size: int | None = _opt(None, "train at this square size (default: the dataset's own; folders: 64)")
-    channels: int | None = _opt(None, "1 (grayscale) or 3 (RGB); default: the dataset's own")
+    image_size: int | None = _opt(None, "train at this square size (default: the dataset's own; a folder: its images' common square size, else 64)")
+    channels: int | None = _opt(None, "1 (grayscale) or 3 (RGB) (default: the dataset's own; a folder: 3)")
     hflip: bool | None = _opt(None, "random horizontal flips (default: on for photos, off for digits and MNIST-like data)")
     # model
     preset: str = _opt("tiny", "U-Net size preset: tiny, small, ddpm-cifar10")

@@ -128,15 +128,14 @@ def generate(
     device = next(denoiser.parameters()).device
     den = clip_x0(denoiser) if clip else denoiser
     out = []
-    bar = tqdm(total=n * steps, desc=f"sampling ({sampler}, {steps} steps)", unit="img-step", disable=not progress)
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
-        gens = [torch.Generator().manual_seed(seed + i) for i in range(start, stop)]
-        x = initial_noise(image_shape, float(sigmas[0]), gens, device)
-        c = cond[start:stop] if cond is not None else None
-        cb = (lambda i, s, x_, x0, k=stop - start: bar.update(k)) if progress else None
-        out.append(sample_fn(den, x, sigmas, cond=c, generator=gens, callback=cb, **options))
-    bar.close()
+    with tqdm(total=n * steps, desc=f"sampling ({sampler}, {steps} steps)", unit="img-step", disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            gens = [torch.Generator().manual_seed(seed + i) for i in range(start, stop)]
+            x = initial_noise(image_shape, float(sigmas[0]), gens, device)
+            c = cond[start:stop] if cond is not None else None
+            cb = (lambda i, s, x_, x0, k=stop - start: bar.update(k)) if progress else None
+            out.append(sample_fn(den, x, sigmas, cond=c, generator=gens, callback=cb, **options))
     return torch.cat(out)
 
 

@@ -114,6 +114,8 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise DifflabError(f"--ema-decay must lie in [0, 1), got {cfg.ema_decay}")
 
+    if cfg.image_size is not None:  # refuse a size the U-Net cannot take before spending time on the data
+        unet_config(cfg.preset, image_size=cfg.image_size, in_channels=cfg.channels or 1, **cfg.model)
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)
