@@ -148,7 +148,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
 def test_runs_are_never_overwritten_by_accident(run, tmp_path, capsys):
     _one_line_error(capsys, ["train", "--out", str(run.parent), "--name", run.name], "already exists", "--resume")
     _one_line_error(capsys, ["train", "--resume", str(run), "--dataset", "mnist"], "dataset")
-    _one_line_error(capsys, ["sample", str(run), "--sampler", "euler"], "euler")
+    _one_line_error(capsys, ["sample", str(run), "--sampler", "magic"], "magic")
     _one_line_error(capsys, ["sample", str(run), "--steps", "5000"], "5000")
     _one_line_error(capsys, ["sample", str(run), "--eta", "2"], "eta")
 

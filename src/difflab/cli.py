@@ -25,6 +25,9 @@ EPILOG_SAMPLE = """examples:
   difflab sample runs/digits                               # DDIM, 50 steps, 64 images -> runs/digits/generated/
   difflab sample runs/digits --sampler ddpm -n 16 --seed 3   # the full 1000-step ancestral chain
   difflab sample runs/digits --sampler ddim --steps 20 --eta 0.5 --individual --out pics/
+  difflab sample runs/digits --sampler dpmpp_2m --steps 15 --spacing karras
+  difflab sample runs/digits --sampler heun --steps 10 --threshold 0.995
+  difflab samplers                                         # every sampler, its cost and what it is
 
 DDIM with eta = 0 is deterministic (Euler on the probability-flow ODE); eta = 1 is DDPM's ancestral step.
 The same --seed gives the same images whatever the batch size; image i uses seed + i."""
@@ -74,16 +77,24 @@ def add_train_parser(sub) -> None:
 
 def add_sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate images from a trained model",
-                       description="Generate images from a run folder or checkpoint (EMA weights by default).",
+                       description="Generate images from a run folder or checkpoint (EMA weights by default) "
+                       "with any sampler; prints the network evaluations (NFE) and the time per image.",
                        epilog=EPILOG_SAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run folder (its newest checkpoint) or a checkpoint folder")
-    p.add_argument("--sampler", default="ddim", help="ddim or ddpm (default: ddim)")
-    p.add_argument("--steps", type=int, default=None, help="number of denoising steps (default: 50 for ddim, T for ddpm)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default: 0, deterministic)")
-    p.add_argument("--variance", default="posterior", choices=["posterior", "beta"],
-                   help="DDPM step variance: the posterior beta~_t or beta_t (default: posterior)")
-    p.add_argument("--spacing", default="uniform", choices=["uniform", "trailing", "leading"],
-                   help="which timesteps a shortened schedule keeps (default: uniform)")
+    p.add_argument("--sampler", default="ddim", help="a sampler from `difflab samplers` (default: ddim)")
+    p.add_argument("--steps", type=int, default=None, help="grid steps (default: T for ddpm, 50 otherwise; NFE can differ)")
+    p.add_argument("--spacing", default="uniform", choices=["uniform", "trailing", "leading", "karras"],
+                   help="the sigma grid: a subsequence of the model's timesteps, or Karras et al.'s rho=7 spacing "
+                        "(default: uniform)")
+    options = p.add_argument_group("sampler options (each applies to the samplers that take it)")
+    options.add_argument("--eta", type=float, help="noise re-injection in [0, 1]: ddim, euler_ancestral, dpmpp_2m_sde")
+    options.add_argument("--variance", choices=["posterior", "beta"], help="ddpm step variance: beta~_t or beta_t")
+    options.add_argument("--churn", type=float, help="edm: S_churn, how much noise is added back per step")
+    options.add_argument("--tol", type=float, dest="rtol", help="adaptive: relative error tolerance instead of --steps")
+    options.add_argument("--max-nfe", type=int, help="adaptive: never use more network evaluations than this")
+    options.add_argument("--predictor", help="pc: the predictor sampler (default: euler)")
+    options.add_argument("--corrector-steps", type=int, help="pc: Langevin corrector steps after each predictor step")
+    options.add_argument("--snr", type=float, help="pc: signal-to-noise ratio that sets the Langevin step size")
     p.add_argument("-n", "--num", type=int, default=64, help="how many images (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
     p.add_argument("--batch-size", type=int, default=256, help="images per network call (default: 256)")
@@ -92,8 +103,28 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--individual", action="store_true", help="also write one PNG per image")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     p.add_argument("--no-clip", action="store_true", help="do not clamp the x0 estimate to [-1, 1]")
+    p.add_argument("--threshold", type=float, default=None, metavar="PERCENTILE",
+                   help="dynamic thresholding of the x0 estimate at this percentile, e.g. 0.995 (Imagen)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+SAMPLER_OPTIONS = ("eta", "variance", "churn", "rtol", "max_nfe", "predictor", "corrector_steps", "snr")
+
+
+def add_samplers_parser(sub) -> None:
+    sub.add_parser("samplers", help="list the samplers", description="List every sampler with a one-line description.")
+
+
+def run_samplers(args: argparse.Namespace) -> int:
+    from difflab.samplers import SAMPLERS
+
+    print(f"{'sampler':<16} {'NFE for N steps':<16} {'kind':<14} description")
+    for name, info in SAMPLERS.items():
+        kind = "stochastic" if info.stochastic else f"ODE, order {info.order}"
+        nfe = "N" if info.nfe(10) == 10 else "2N - 1" if info.nfe(10) == 19 else f"{info.nfe(10)} for N=10"
+        print(f"{name:<16} {nfe:<16} {kind:<14} {info.description}")
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -120,14 +151,13 @@ def run_sample(args: argparse.Namespace) -> int:
     from difflab.pipeline import generate, load_model
     from difflab.viz import save_grid, to_pil
 
+    options = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k) is not None}
     model = load_model(args.model, weights=args.weights, device=args.device)
-    options = {"eta": args.eta} if args.sampler == "ddim" else {"variance": args.variance} if args.sampler == "ddpm" else {}
-    started = time.perf_counter()
+    stats: dict = {}
     with torch.autocast("cuda", torch.bfloat16) if model.device.type == "cuda" else torch.autocast("cpu", enabled=False):
         images = generate(model.denoiser, model.image_shape, args.num, sampler=args.sampler, steps=args.steps,
                           spacing=args.spacing, seed=args.seed, batch_size=args.batch_size, clip=not args.no_clip,
-                          progress=not args.quiet, **options)
-    seconds = time.perf_counter() - started
+                          threshold=args.threshold, progress=not args.quiet, stats=stats, **options)
     run_dir = model.checkpoint.parent.parent if model.checkpoint.parent.name == "checkpoints" else model.checkpoint
     out = Path(args.out) if args.out else run_dir / "generated"
     out.mkdir(parents=True, exist_ok=True)
@@ -139,8 +169,9 @@ def run_sample(args: argparse.Namespace) -> int:
         for i, img in enumerate(to_pil(images)):
             img.save(out / f"{tag}_{i:05d}.png")
         written.append(out / f"{tag}_*.png")
-    print(f"{args.num} images in {seconds:.1f} s ({seconds / args.num * 1000:.0f} ms/image) -> "
-          + ", ".join(str(w) for w in written))
+    seconds = stats["seconds"]
+    print(f"{args.num} images, {stats['nfe']} network evaluations (NFE) each, {seconds:.1f} s "
+          f"({seconds / args.num * 1000:.1f} ms/image) -> " + ", ".join(str(w) for w in written))
     return 0
 
 
@@ -153,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_parser(sub)
     add_sample_parser(sub)
+    add_samplers_parser(sub)
     return parser
 
 
@@ -163,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"train": run_train, "sample": run_sample}[args.command](args)
+        return {"train": run_train, "sample": run_sample, "samplers": run_samplers}[args.command](args)
     except DifflabError as e:
         print(f"difflab: error: {e}", file=sys.stderr)
         return 2

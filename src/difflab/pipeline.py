@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,9 @@ from tqdm.auto import tqdm
 from difflab.checkpoint import load_weights, read_config, resolve_checkpoint
 from difflab.denoisers import Denoiser
 from difflab.errors import DifflabError
-from difflab.guidance import clip_x0
+from difflab.guidance import clip_x0, dynamic_threshold
 from difflab.nn import UNet, UNetConfig
-from difflab.samplers import get_sampler
+from difflab.samplers import SAMPLERS, get_sampler
 from difflab.schedules import make_schedule, sampling_sigmas
 
 MODEL_FORMAT = "difflab-model-1"
@@ -99,6 +100,29 @@ def initial_noise(shape: tuple[int, ...], sigma_max: float, generators: list[tor
     return noise * math.sqrt(1.0 + sigma_max**2)
 
 
+class CountingDenoiser:
+    """Wraps a denoiser and counts its evaluations (NFE: network function evaluations)."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.nfe = denoiser, 0
+
+    def __call__(self, x, sigma, cond=None):
+        self.nfe += 1
+        return self.denoiser(x, sigma, cond)
+
+
+def sampler_options(sampler: str, options: dict) -> dict:
+    """Check that every option applies to the sampler (one-line error otherwise)."""
+    import inspect
+
+    accepted = set(inspect.signature(get_sampler(sampler)).parameters) - {"denoiser", "x", "sigmas", "cond", "generator", "callback"}
+    wrong = sorted(set(options) - accepted)
+    if wrong:
+        takes = ", ".join(sorted(accepted)) or "no options"
+        raise DifflabError(f"option(s) {', '.join(wrong)} do not apply to sampler '{sampler}' (it takes: {takes})")
+    return options
+
+
 @torch.no_grad()
 def generate(
     denoiser: Denoiser,
@@ -111,31 +135,46 @@ def generate(
     seed: int = 0,
     batch_size: int = 256,
     clip: bool = True,
+    threshold: float | None = None,
     cond: torch.Tensor | None = None,
     progress: bool = False,
+    stats: dict | None = None,
     **options,
 ) -> torch.Tensor:
     """Sample ``n`` images in [-1, 1] (float32, on the denoiser's device).
 
     Image i always comes from seed ``seed + i``, whatever the batch size. ``steps`` defaults to T for
-    DDPM and 50 for DDIM; ``options`` go to the sampler (``eta`` for DDIM, ``variance`` for DDPM)."""
+    DDPM and 50 otherwise; ``spacing`` picks the sigma grid (uniform, trailing, leading, karras);
+    ``clip`` clamps the x0 estimate to [-1, 1], ``threshold`` (a percentile such as 0.995) applies
+    dynamic thresholding instead. ``options`` go to the sampler (``eta``, ``variance``, ``churn``, ...).
+    When ``stats`` is a dict it receives ``nfe`` (network evaluations per image) and ``seconds``."""
     if n < 1:
         raise DifflabError(f"the number of images must be at least 1, got {n}")
     sample_fn = get_sampler(sampler)
+    sampler_options(sampler, options)
+    if batch_size < 1:
+        raise DifflabError(f"the batch size must be at least 1, got {batch_size}")
     schedule = denoiser.schedule
     steps = steps or (schedule.T if sampler == "ddpm" else 50)
     sigmas = sampling_sigmas(schedule, steps, spacing)
     device = next(denoiser.parameters()).device
-    den = clip_x0(denoiser) if clip else denoiser
-    out = []
-    with tqdm(total=n * steps, desc=f"sampling ({sampler}, {steps} steps)", unit="img-step", disable=not progress) as bar:
+    den = dynamic_threshold(denoiser, threshold) if threshold is not None else clip_x0(denoiser) if clip else denoiser
+    out, nfe, started = [], 0, time.perf_counter()
+    total = n * SAMPLERS[sampler].nfe(steps) if sampler in SAMPLERS else None
+    with tqdm(total=total, desc=f"sampling ({sampler}, {steps} steps)", unit="img-eval", disable=not progress) as bar:
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             gens = [torch.Generator().manual_seed(seed + i) for i in range(start, stop)]
             x = initial_noise(image_shape, float(sigmas[0]), gens, device)
             c = cond[start:stop] if cond is not None else None
+            counted = CountingDenoiser(den)
             cb = (lambda i, s, x_, x0, k=stop - start: bar.update(k)) if progress else None
-            out.append(sample_fn(den, x, sigmas, cond=c, generator=gens, callback=cb, **options))
+            out.append(sample_fn(counted, x, sigmas, cond=c, generator=gens, callback=cb, **options))
+            nfe = max(nfe, counted.nfe)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if stats is not None:
+        stats.update(nfe=nfe, seconds=time.perf_counter() - started)
     return torch.cat(out)
 
 

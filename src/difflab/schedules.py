@@ -143,7 +143,8 @@ def sigma_to_t(sigma: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # Sampling-time grids (tutorial §5.2, §8.1 子序列采样).
 
-SPACINGS = ("uniform", "trailing", "leading")
+SPACINGS = ("uniform", "trailing", "leading", "karras")
+DISCRETE_SPACINGS = ("uniform", "trailing", "leading")
 
 
 def sampling_timesteps(T: int, steps: int, spacing: str = "uniform") -> torch.Tensor:
@@ -162,13 +163,33 @@ def sampling_timesteps(T: int, steps: int, spacing: str = "uniform") -> torch.Te
     elif spacing == "leading":
         ts = torch.arange(steps, dtype=torch.long) * (T // steps)
     else:
-        raise DifflabError(f"unknown timestep spacing '{spacing}' (choose from {', '.join(SPACINGS)})")
+        raise DifflabError(f"unknown timestep spacing '{spacing}' (choose from {', '.join(DISCRETE_SPACINGS)})")
     return ts.sort(descending=True).values
 
 
-def sampling_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "uniform") -> torch.Tensor:
-    """The sigma grid (steps + 1,) float64 for a sampler: the subsequence's sigmas, decreasing, then 0.
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
+    i = 0 .. N-1, then 0. rho = 7 spends more steps at low noise, where detail forms. (steps + 1,) float64."""
+    if steps < 1:
+        raise DifflabError(f"the number of sampling steps must be at least 1, got {steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise DifflabError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+    inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sigmas = (inv_max + ramp * (inv_min - inv_max)) ** rho
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
-    With steps == T and any spacing this is the full DDPM chain sigma_T, ..., sigma_1, 0."""
+
+def sampling_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "uniform", rho: float = 7.0) -> torch.Tensor:
+    """The sigma grid (steps + 1,) float64 for a sampler: decreasing noise levels, then 0.
+
+    "uniform", "trailing", "leading": the sigmas of a subsequence of the model's own timesteps; with
+    steps == T this is the full DDPM chain sigma_T, ..., sigma_1, 0.
+    "karras": :func:`karras_sigmas` between the schedule's smallest and largest sigma; the denoiser maps
+    these onto the discrete model by interpolating the timestep in log-sigma (:func:`sigma_to_t`)."""
+    if spacing == "karras":
+        return karras_sigmas(steps, schedule.sigmas[0].item(), schedule.sigmas[-1].item(), rho)
+    if spacing not in DISCRETE_SPACINGS:
+        raise DifflabError(f"unknown spacing '{spacing}' (choose from {', '.join(SPACINGS)})")
     ts = sampling_timesteps(schedule.T, steps, spacing)
     return torch.cat([schedule.sigmas[ts], torch.zeros(1, dtype=torch.float64)])

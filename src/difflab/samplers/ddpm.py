@@ -1,55 +1,12 @@
-"""Sampling functions (tutorial §4.2, §5.1, §5.2), each a loop over a decreasing sigma grid.
-
-All samplers share one signature::
-
-    sample_xxx(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, **options) -> x0
-
-``x`` is the starting noise already scaled to ``sigmas[0]``, ``sigmas`` ends with 0 (see
-:func:`difflab.schedules.sampling_sigmas`), and ``denoiser(x, sigma, cond)`` returns the x0 estimate.
-They work in sigma coordinates, ``x = x_t / sqrt(abar_t)``, where a DDPM/DDIM update has a particularly
-simple form; the arithmetic is float32, the network runs in its own dtype.
-
-``generator`` is a ``torch.Generator`` or a list with one per image; with a list, each image's noise
-comes from its own generator, so the same seed gives the same image at any batch size.
-"""
+"""DDPM (Ho et al. 2020) and DDIM (Song et al. 2021) in sigma coordinates (tutorial §4.2, §5.1, §5.2)."""
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 
 from difflab.denoisers import DenoiserFn
 from difflab.errors import DifflabError
-
-Generator = torch.Generator | list[torch.Generator] | None
-Callback = Callable[[int, float, torch.Tensor, torch.Tensor], None]  # (step, sigma, x, x0_hat)
-
-
-def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
-    """Standard normal noise shaped like ``x``; one draw per image when ``generator`` is a list."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != x.shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
-        return torch.stack(
-            [torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device).to(x.device) for g in generator]
-        )
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
-
-
-def _denoise(denoiser: DenoiserFn, x: torch.Tensor, sigma: torch.Tensor, cond, i: int, callback) -> torch.Tensor:
-    """One network evaluation at noise level ``sigma`` for the whole batch, reported to ``callback``."""
-    x0 = denoiser(x, sigma.expand(x.shape[0]), cond).to(torch.float32)
-    if callback is not None:
-        callback(i, float(sigma), x, x0)
-    return x0
-
-
-def _check_grid(sigmas: torch.Tensor) -> torch.Tensor:
-    if sigmas.ndim != 1 or len(sigmas) < 2 or not bool((sigmas[:-1] > sigmas[1:]).all()) or sigmas[-1] < 0:
-        raise DifflabError("a sigma grid must be 1-D, strictly decreasing and non-negative, with at least 2 entries")
-    return sigmas
+from difflab.samplers.common import Callback, Generator, prepare, evaluate, randn_like
 
 
 @torch.no_grad()
@@ -75,11 +32,10 @@ def sample_ddim(
     """
     if not 0.0 <= eta <= 1.0:
         raise DifflabError(f"DDIM's eta must lie in [0, 1], got {eta}")
-    sigmas = _check_grid(sigmas).to(device=x.device, dtype=torch.float32)
-    x = x.to(torch.float32)
+    x, sigmas = prepare(x, sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = _denoise(denoiser, x, sigma, cond, i, callback)
+        x0 = evaluate(denoiser, x, sigma, cond, i, callback)
         eps = (x - x0) / sigma  # the noise estimate eps_hat
         sigma_up = eta * sigma_next * (sigma**2 - sigma_next**2).sqrt() / sigma
         sigma_down = (sigma_next**2 - sigma_up**2).sqrt()
@@ -114,11 +70,10 @@ def sample_ddpm(
     """
     if variance not in ("posterior", "beta"):
         raise DifflabError(f"unknown DDPM variance '{variance}' (choose 'posterior' or 'beta')")
-    sigmas = _check_grid(sigmas).to(device=x.device, dtype=torch.float32)
-    x = x.to(torch.float32)
+    x, sigmas = prepare(x, sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = _denoise(denoiser, x, sigma, cond, i, callback)
+        x0 = evaluate(denoiser, x, sigma, cond, i, callback)
         ratio = (sigma_next / sigma) ** 2
         x = x0 + ratio * (x - x0)  # the posterior mean mu~
         if sigma_next > 0:
@@ -128,16 +83,3 @@ def sample_ddpm(
                 var = (sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2)
             x = x + var.sqrt() * randn_like(x, generator)
     return x
-
-
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-}
-
-
-def get_sampler(name: str) -> Callable[..., torch.Tensor]:
-    """Look a sampler up by name, with a clear error listing the choices."""
-    if name not in SAMPLERS:
-        raise DifflabError(f"unknown sampler '{name}' (choose from {', '.join(SAMPLERS)})")
-    return SAMPLERS[name]

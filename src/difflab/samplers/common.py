@@ -1,0 +1,58 @@
+"""What every sampler shares: the noise source, the one place the denoiser is called, grid checks.
+
+Sampling functions (tutorial §4.2, §5.1, §5.2, §8.1) are each a loop over a decreasing sigma grid.
+
+All samplers share one signature::
+
+    sample_xxx(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, **options) -> x0
+
+``x`` is the starting noise already scaled to ``sigmas[0]``, ``sigmas`` ends with 0 (see
+:func:`difflab.schedules.sampling_sigmas`), and ``denoiser(x, sigma, cond)`` returns the x0 estimate.
+They work in sigma coordinates, ``x = x_t / sqrt(abar_t)``, where a DDPM/DDIM update has a particularly
+simple form; the arithmetic is float32, the network runs in its own dtype.
+
+``generator`` is a ``torch.Generator`` or a list with one per image; with a list, each image's noise
+comes from its own generator, so the same seed gives the same image at any batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from difflab.denoisers import DenoiserFn
+from difflab.errors import DifflabError
+
+Generator = torch.Generator | list[torch.Generator] | None
+Callback = Callable[[int, float, torch.Tensor, torch.Tensor], None]  # (step, sigma, x, x0_hat)
+
+
+def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``; one draw per image when ``generator`` is a list."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.stack(
+            [torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device).to(x.device) for g in generator]
+        )
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+
+
+def evaluate(denoiser: DenoiserFn, x: torch.Tensor, sigma: torch.Tensor, cond, i: int, callback) -> torch.Tensor:
+    """One network evaluation at noise level ``sigma`` for the whole batch, reported to ``callback``."""
+    x0 = denoiser(x, sigma.expand(x.shape[0]), cond).to(x.dtype)
+    if callback is not None:
+        callback(i, float(sigma), x, x0)
+    return x0
+
+
+def prepare(x: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a sigma grid; return x and the grid in the working precision on x's device: float32,
+    or float64 when x is float64 (exact-answer tests measure convergence orders below float32 rounding)."""
+    sigmas = torch.as_tensor(sigmas)
+    if sigmas.ndim != 1 or len(sigmas) < 2 or not bool((sigmas[:-1] > sigmas[1:]).all()) or sigmas[-1] < 0:
+        raise DifflabError("a sigma grid must be 1-D, strictly decreasing and non-negative, with at least 2 entries")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.to(dtype), sigmas.to(device=x.device, dtype=dtype)
