@@ -171,3 +171,24 @@ def test_console_script_and_module_entry_point():
 def test_python_api_rejects_unknown_options():
     with pytest.raises(DifflabError, match="unknown option"):
         difflab.train(stepz=3)
+
+
+def test_every_sampler_runs_on_a_trained_model_and_reports_nfe(run, capsys):
+    from difflab.samplers import SAMPLERS
+
+    model = load_model(run, device="cpu")
+    for name, info in SAMPLERS.items():
+        stats = {}
+        images = difflab.generate(model.denoiser, model.image_shape, 3, sampler=name, steps=4, spacing="karras",
+                                  stats=stats)
+        assert torch.isfinite(images).all() and images.abs().max() <= 1.0 + 1e-6, name
+        if info.nfe is None:  # adaptive: as many as the tolerance needs, never more than the budget
+            assert 2 <= stats["nfe"] <= 200, name
+        else:
+            assert stats["nfe"] == info.nfe(4), name
+    assert main(["samplers"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in SAMPLERS)
+    assert main(["sample", str(run), "--sampler", "heun", "--steps", "3", "-n", "2", "--quiet", "--threshold", "0.99"]) == 0
+    assert "5 network evaluations (NFE) each" in capsys.readouterr().out
+    _one_line_error(capsys, ["sample", str(run), "--sampler", "ddim", "--churn", "3"], "churn", "ddim")

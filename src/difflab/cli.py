@@ -122,7 +122,8 @@ def run_samplers(args: argparse.Namespace) -> int:
     print(f"{'sampler':<16} {'NFE for N steps':<16} {'kind':<14} description")
     for name, info in SAMPLERS.items():
         kind = "stochastic" if info.stochastic else f"ODE, order {info.order}"
-        nfe = "N" if info.nfe(10) == 10 else "2N - 1" if info.nfe(10) == 19 else f"{info.nfe(10)} for N=10"
+        nfe = ("set by --tol" if info.nfe is None else "N" if info.nfe(10) == 10 else "2N - 1" if info.nfe(10) == 19
+               else f"{info.nfe(10)} for N=10")
         print(f"{name:<16} {nfe:<16} {kind:<14} {info.description}")
     return 0
 

@@ -160,7 +160,8 @@ def generate(
     device = next(denoiser.parameters()).device
     den = dynamic_threshold(denoiser, threshold) if threshold is not None else clip_x0(denoiser) if clip else denoiser
     out, nfe, started = [], 0, time.perf_counter()
-    total = n * SAMPLERS[sampler].nfe(steps) if sampler in SAMPLERS else None
+    cost = SAMPLERS[sampler].nfe
+    total = n * cost(steps) if cost is not None else None
     with tqdm(total=total, desc=f"sampling ({sampler}, {steps} steps)", unit="img-eval", disable=not progress) as bar:
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)

@@ -15,6 +15,8 @@ from difflab.errors import DifflabError
 from difflab.samplers.common import randn_like
 from difflab.samplers.ddpm import sample_ddim, sample_ddpm
 from difflab.samplers.ode import sample_dpmpp_2m, sample_dpmpp_3m, sample_euler, sample_heun
+from difflab.samplers.adaptive import sample_adaptive
+from difflab.samplers.pc import sample_pc
 from difflab.samplers.stochastic import sample_dpmpp_2m_sde, sample_edm, sample_euler_ancestral
 
 
@@ -22,7 +24,7 @@ from difflab.samplers.stochastic import sample_dpmpp_2m_sde, sample_edm, sample_
 class SamplerInfo:
     fn: Callable[..., torch.Tensor]
     description: str
-    nfe: Callable[[int], int]  # network evaluations for a grid of N steps
+    nfe: Callable[[int], int] | None  # network evaluations for a grid of N steps with default options (None: adaptive)
     stochastic: bool
     order: int  # convergence order as an ODE solver (0 for samplers that are SDE solvers)
 
@@ -37,6 +39,10 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "dpmpp_2m": SamplerInfo(sample_dpmpp_2m, "DPM-Solver++(2M), 2nd-order multistep (Lu et al. 2022)", lambda n: n, False, 2),
     "dpmpp_3m": SamplerInfo(sample_dpmpp_3m, "DPM-Solver++(3M), 3rd-order multistep (Lu et al. 2022)", lambda n: n, False, 3),
     "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, "DPM-Solver++(2M) SDE variant; eta=1 solves the reverse SDE", lambda n: n, True, 0),
+    "adaptive": SamplerInfo(sample_adaptive, "adaptive-step DPM-Solver-12 with error control (Lu et al. 2022, Alg. 4); "
+                            "--tol instead of --steps, never more than --max-nfe evaluations", None, False, 2),
+    "pc": SamplerInfo(sample_pc, "predictor-corrector: any predictor + Langevin corrector steps (Song et al. 2021, Alg. 4/5)",
+                      lambda n: 2 * n - 1, True, 0),
 }
 
 
@@ -49,4 +55,4 @@ def get_sampler(name: str) -> Callable[..., torch.Tensor]:
 
 __all__ = ["SAMPLERS", "SamplerInfo", "get_sampler", "randn_like", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
            "sample_dpmpp_2m_sde", "sample_dpmpp_3m", "sample_edm", "sample_euler", "sample_euler_ancestral",
-           "sample_heun"]
+           "sample_heun", "sample_adaptive", "sample_pc"]
