@@ -86,6 +86,7 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--spacing", default="uniform", choices=["uniform", "trailing", "leading", "karras"],
                    help="the sigma grid: a subsequence of the model's timesteps, or Karras et al.'s rho=7 spacing "
                         "(default: uniform)")
+    p.add_argument("--rho", type=float, default=7.0, help="karras spacing: rho (default: 7)")
     options = p.add_argument_group("sampler options (each applies to the samplers that take it)")
     options.add_argument("--eta", type=float, help="noise re-injection in [0, 1]: ddim, euler_ancestral, dpmpp_2m_sde")
     options.add_argument("--variance", choices=["posterior", "beta"], help="ddpm step variance: beta~_t or beta_t")
@@ -157,7 +158,7 @@ def run_sample(args: argparse.Namespace) -> int:
     stats: dict = {}
     with torch.autocast("cuda", torch.bfloat16) if model.device.type == "cuda" else torch.autocast("cpu", enabled=False):
         images = generate(model.denoiser, model.image_shape, args.num, sampler=args.sampler, steps=args.steps,
-                          spacing=args.spacing, seed=args.seed, batch_size=args.batch_size, clip=not args.no_clip,
+                          spacing=args.spacing, rho=args.rho, seed=args.seed, batch_size=args.batch_size, clip=not args.no_clip,
                           threshold=args.threshold, progress=not args.quiet, stats=stats, **options)
     run_dir = model.checkpoint.parent.parent if model.checkpoint.parent.name == "checkpoints" else model.checkpoint
     out = Path(args.out) if args.out else run_dir / "generated"

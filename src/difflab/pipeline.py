@@ -132,6 +132,7 @@ def generate(
     sampler: str = "ddim",
     steps: int | None = None,
     spacing: str = "uniform",
+    rho: float = 7.0,
     seed: int = 0,
     batch_size: int = 256,
     clip: bool = True,
@@ -144,7 +145,7 @@ def generate(
     """Sample ``n`` images in [-1, 1] (float32, on the denoiser's device).
 
     Image i always comes from seed ``seed + i``, whatever the batch size. ``steps`` defaults to T for
-    DDPM and 50 otherwise; ``spacing`` picks the sigma grid (uniform, trailing, leading, karras);
+    DDPM and 50 otherwise; ``spacing`` picks the sigma grid (uniform, trailing, leading, karras with ``rho``);
     ``clip`` clamps the x0 estimate to [-1, 1], ``threshold`` (a percentile such as 0.995) applies
     dynamic thresholding instead. ``options`` go to the sampler (``eta``, ``variance``, ``churn``, ...).
     When ``stats`` is a dict it receives ``nfe`` (network evaluations per image) and ``seconds``."""
@@ -156,7 +157,7 @@ def generate(
         raise DifflabError(f"the batch size must be at least 1, got {batch_size}")
     schedule = denoiser.schedule
     steps = steps or (schedule.T if sampler == "ddpm" else 50)
-    sigmas = sampling_sigmas(schedule, steps, spacing)
+    sigmas = sampling_sigmas(schedule, steps, spacing, rho)
     device = next(denoiser.parameters()).device
     den = dynamic_threshold(denoiser, threshold) if threshold is not None else clip_x0(denoiser) if clip else denoiser
     out, nfe, started = [], 0, time.perf_counter()
