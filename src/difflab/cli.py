@@ -113,6 +113,59 @@ def add_sample_parser(sub) -> None:
 SAMPLER_OPTIONS = ("eta", "variance", "churn", "rtol", "max_nfe", "predictor", "corrector_steps", "snr")
 
 
+EPILOG_EVAL = """examples:
+  difflab eval --real digits --fake runs/digits                       # sample 10k images on the fly, domain features
+  difflab eval --real fashion-mnist --fake runs/fmnist --sampler dpmpp_2m --steps 20 -n 5000
+  difflab eval --real cifar10 --fake ./generated --features inception --metrics fid,kid,is
+  difflab eval --real fashion-mnist --fake fashion-mnist:test        # real vs real: the floor of each metric
+  difflab eval --real cifar10 --fake runs/c10 --save-reference c10.safetensors   # later: --real c10.safetensors
+
+--features inception is the standard FID network (the 2015-12-05 weights the papers use); the shipped
+domain classifiers (digits, fashion-mnist) work offline but their numbers are comparable only to each other."""
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="measure generated images: FID, KID, IS, precision/recall",
+                       description="Compare generated images with real ones (tutorial §7) on the features of one network.",
+                       epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--real", required=True, help="a dataset (name or name:split), an image folder, or a saved reference (.safetensors)")
+    p.add_argument("--fake", required=True, help="a run/checkpoint folder (sampled on the fly), an image folder or a dataset")
+    p.add_argument("--metrics", default="fid,kid,pr", help="comma-separated: fid, kid, is, pr (default: fid,kid,pr)")
+    p.add_argument("--features", default=None, help="inception, digits, fashion-mnist (default: the dataset's shipped "
+                   "classifier when there is one, else inception)")
+    p.add_argument("-n", "--num", type=int, default=10_000, help="images per side (default: 10000)")
+    p.add_argument("--split", default="train", help="split of a named real dataset (default: train)")
+    p.add_argument("--data-dir", default=None, help="where to look for dataset files")
+    p.add_argument("--inception-weights", default=None, metavar="PATH", help="a local copy of the FID Inception weights")
+    p.add_argument("--save-reference", default=None, metavar="FILE", help="save the real features for later --real FILE")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
+    p.add_argument("--sampler", default="ddim", help="when --fake is a run: the sampler (default: ddim)")
+    p.add_argument("--steps", type=int, default=None, help="when --fake is a run: sampler steps")
+    p.add_argument("--spacing", default="uniform", help="when --fake is a run: the sigma grid")
+    p.add_argument("--eta", type=float, default=None, help="when --fake is a run: DDIM eta")
+    p.add_argument("--seed", type=int, default=0, help="when --fake is a run: seed of the first image")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from difflab.evaluation import evaluate, format_table, parse_metrics
+
+    options = {"eta": args.eta} if args.eta is not None else {}
+    result = evaluate(args.real, args.fake, metrics=parse_metrics(args.metrics), features=args.features, n=args.num,
+                      inception_weights=args.inception_weights, device=args.device, data_dir=args.data_dir,
+                      split=args.split, save_reference=args.save_reference, progress=not args.quiet,
+                      sampler=args.sampler, steps=args.steps, spacing=args.spacing, seed=args.seed, **options)
+    print(format_table(result))
+    text = json.dumps(result, indent=2, default=str)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
 def add_samplers_parser(sub) -> None:
     sub.add_parser("samplers", help="list the samplers", description="List every sampler with a one-line description.")
 
@@ -187,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_sample_parser(sub)
     add_samplers_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
@@ -197,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"train": run_train, "sample": run_sample, "samplers": run_samplers}[args.command](args)
+        return {"train": run_train, "sample": run_sample, "samplers": run_samplers, "eval": run_eval}[args.command](args)
     except DifflabError as e:
         print(f"difflab: error: {e}", file=sys.stderr)
         return 2

@@ -53,6 +53,10 @@ class TrainConfig:
     checkpoint_every: int = _opt(1000, "write a checkpoint every N steps (and always at the end)")
     keep: int = _opt(3, "keep the newest N checkpoints")
     num_samples: int = _opt(64, "images in each sample grid")
+    eval_every: int = _opt(0, "compute metrics of generated samples every N steps, logged and plotted (0 = off)")
+    eval_samples: int = _opt(1000, "generated images per evaluation (DDIM, 50 steps, EMA weights)")
+    eval_metrics: str = _opt("fid", "metrics to log during training, comma-separated: fid, kid, is, pr")
+    eval_features: str | None = _opt(None, "feature extractor for evaluation (default: the shipped classifier for digits and fashion-mnist, else inception)")
     sample_steps: int = _opt(50, "DDIM steps for the sample grids")
 
     def __post_init__(self):

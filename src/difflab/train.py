@@ -177,6 +177,15 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
         return save_checkpoint(run_dir, step, model=net, ema=ema, config=mconfig, state_tensors=tensors,
                                state_json={"optimizer": opt_meta, "skipped": skipped}, keep=cfg.keep)
 
+    evaluator = make_evaluator(cfg, data, device, progress) if cfg.eval_every else None
+
+    def evaluate_now(step: int) -> None:
+        with torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext():
+            fake = generate(sample_denoiser, (channels, height, width), cfg.eval_samples, sampler="ddim", steps=50, seed=10_000)
+        row = {"step": step, **{f"eval_{k}": v for k, v in evaluator(fake).items()}}
+        log_file.write(json.dumps(row) + "\n")
+        log_file.flush()
+
     def sample_grid(step: int) -> None:
         with torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext():
             grid = generate(sample_denoiser, (channels, height, width), cfg.num_samples, sampler="ddim",
@@ -236,6 +245,8 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
                 log_file.flush()
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
                 loss_sum, loss_count, t_last = 0.0, 0, now
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                evaluate_now(done)
             if cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps:
                 sample_grid(done)
                 plot_loss(run_dir / "log.jsonl", run_dir / "loss.png")
@@ -250,9 +261,31 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
         bar.close()
         log_file.close()
     checkpoint_now(cfg.steps)
+    if evaluator is not None:
+        with open(run_dir / "log.jsonl", "a") as log_file:
+            evaluate_now(cfg.steps)
     sample_grid(cfg.steps)
     plot_loss(run_dir / "log.jsonl", run_dir / "loss.png")
     return run_dir
+
+
+def make_evaluator(cfg: TrainConfig, data, device: torch.device, progress: bool):
+    """Features of (up to) eval_samples real images, computed once; returns fake images -> metrics dict."""
+    from difflab.data import to_model_range
+    from difflab.evaluation import default_features, parse_metrics
+    from difflab.metrics import compute_features, evaluate_features, get_extractor
+
+    metrics = parse_metrics(cfg.eval_metrics)
+    extractor = get_extractor(cfg.eval_features or default_features(data.name), device=str(device))
+    idx = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))[: cfg.eval_samples]
+    real_feats, _ = compute_features(extractor, to_model_range(data.images[idx]), progress=False)
+
+    def evaluator(fake: torch.Tensor) -> dict:
+        fake_feats, fake_probs = compute_features(extractor, fake, progress=False)
+        result = evaluate_features(real_feats, fake_feats, fake_probs=fake_probs, metrics=metrics)
+        return {k: v for k, v in result.items() if isinstance(v, float)}
+
+    return evaluator
 
 
 class GracefulStop:

@@ -53,8 +53,9 @@ def plot_loss(log_path: str | Path, out_path: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r]
+    all_rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    rows = [r for r in all_rows if "loss" in r]
+    evals = [r for r in all_rows if any(k.startswith("eval_") for k in r)]
     if not rows:
         return None
     steps = np.array([r["step"] for r in rows])
@@ -69,7 +70,14 @@ def plot_loss(log_path: str | Path, out_path: str | Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    keys = [k for k in ("eval_fid", "eval_kid_mean", "eval_precision", "eval_is_mean") if evals and k in evals[0]]
+    if keys:  # the first sample-quality metric logged during training, on a second axis
+        key = keys[0]
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", color="tab:red", label=key[5:])
+        ax2.set_ylabel(key[5:], color="tab:red")
+        ax2.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)

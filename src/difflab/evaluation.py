@@ -1,0 +1,134 @@
+"""Evaluation glue (tutorial §7): where real and generated images come from, and one call that turns them
+into metrics. The metrics themselves (FID, KID, IS, precision/recall) live in :mod:`difflab.metrics`.
+
+    real:  a dataset name, an image folder, or a saved reference (.safetensors from --save-reference)
+    fake:  a run / checkpoint folder (sampled on the fly), an image folder, or a dataset (real vs real)
+    A dataset may name its split: "fashion-mnist:test".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from difflab.errors import DifflabError
+
+DEFAULT_METRICS = ("fid", "kid", "pr")
+
+
+def default_features(dataset_name: str | None) -> str:
+    """The shipped domain classifier for datasets that have one (offline), else the Inception network."""
+    from difflab.metrics.domain import DOMAIN_EXTRACTORS
+
+    return dataset_name if dataset_name in DOMAIN_EXTRACTORS else "inception"
+
+
+def parse_metrics(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return DEFAULT_METRICS
+    names = tuple(m.strip().lower() for m in text.split(",") if m.strip())
+    known = ("fid", "kid", "is", "pr")
+    wrong = [m for m in names if m not in known]
+    if wrong:
+        raise DifflabError(f"unknown metric(s) {', '.join(wrong)} (choose from {', '.join(known)})")
+    return names
+
+
+def is_reference(path: str) -> bool:
+    return str(path).endswith(".safetensors") and Path(path).is_file()
+
+
+def is_run(path: str) -> bool:
+    """A run folder with a checkpoint, or a checkpoint folder."""
+    from difflab.checkpoint import REQUIRED_FILES, list_checkpoints
+
+    p = Path(path)
+    return bool(list_checkpoints(p)) or all((p / f).is_file() for f in REQUIRED_FILES)
+
+
+def load_real_images(source: str, *, n: int | None, image_size: int | None, channels: int | None,
+                     data_dir: str | None = None, split: str = "train", progress: bool = True) -> tuple[torch.Tensor, str]:
+    """Real images in [-1, 1] from a dataset name or folder (the first ``n`` of a seeded shuffle)."""
+    from difflab.data import load_dataset, to_model_range
+
+    if ":" in source and not Path(source).exists():  # "fashion-mnist:test"
+        source, split = source.rsplit(":", 1)
+    data = load_dataset(source, image_size=image_size, channels=channels, data_dir=data_dir, split=split, progress=progress)
+    images = data.images
+    if n is not None and n < len(images):
+        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]]
+    return to_model_range(images), data.name
+
+
+def load_fake_images(source: str, *, n: int, progress: bool = True, device: str = "auto", **sample_options) -> tuple[torch.Tensor, dict]:
+    """Generated images in [-1, 1]: sampled from a run/checkpoint (with the sampler options), or read from
+    a folder. Returns the images and a dict describing where they came from."""
+    if is_run(source):
+        from difflab.pipeline import generate, load_model
+
+        model = load_model(source, device=device)
+        stats: dict = {}
+        with torch.autocast("cuda", torch.bfloat16, enabled=model.device.type == "cuda"):
+            images = generate(model.denoiser, model.image_shape, n, progress=progress, stats=stats, **sample_options)
+        return images.cpu(), {"run": str(source), "dataset": model.config["data"]["name"], "nfe": stats["nfe"],
+                              **{k: v for k, v in sample_options.items() if v is not None}}
+    images, name = load_real_images(source, n=n, image_size=None, channels=None, progress=progress)
+    return images, {"images": str(source), "dataset": name}
+
+
+def evaluate(real: str, fake: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS, features: str | None = None,
+             n: int = 10_000, inception_weights: str | None = None, device: str = "auto", data_dir: str | None = None,
+             split: str = "train", save_reference: str | None = None, progress: bool = True,
+             **sample_options) -> dict:
+    """Metrics of ``fake`` against ``real`` on the features of one extractor; returns a JSON-able dict."""
+    from difflab.checkpoint import read_config, resolve_checkpoint
+    from difflab.metrics import compute_features, evaluate_features, get_extractor, load_reference, save_reference as save_ref
+    from difflab.pipeline import resolve_device
+
+    device = resolve_device(device)
+    # choose (and load) the feature extractor first: a bad name should fail before minutes of sampling
+    ref = load_reference(real) if is_reference(real) else None
+    if is_run(fake):
+        dataset = read_config(resolve_checkpoint(fake))["data"]["name"]
+    else:
+        dataset = ref.info.get("dataset") if ref is not None else real.split(":")[0]
+    if ref is not None:
+        features = features or ref.info.get("features")
+    features = features or default_features(dataset)
+    extractor = get_extractor(features, device=str(device), inception_weights=inception_weights)
+    fake_images, fake_info = load_fake_images(fake, n=n, progress=progress, device=str(device), **sample_options)
+    if ref is not None:
+        if ref.extractor_name != extractor.name:
+            raise DifflabError(f"reference {real} was computed with '{ref.extractor_name}', not '{extractor.name}'")
+        real_feats = ref.features
+    else:
+        _, channels, h, _ = fake_images.shape
+        real_images, real_name = load_real_images(real, n=n, image_size=h, channels=channels,
+                                                  data_dir=data_dir, split=split, progress=progress)
+        real_feats, _ = compute_features(extractor, real_images, progress=progress)
+        if save_reference:
+            save_ref(save_reference, real_feats, extractor_name=extractor.name,
+                     info={"dataset": real_name, "split": split, "n": len(real_feats), "features": features})
+    fake_feats, fake_probs = compute_features(extractor, fake_images, progress=progress)
+    result = evaluate_features(real_feats, fake_feats, fake_probs=fake_probs, metrics=metrics)
+    result.update(real=str(real), fake=fake_info, features=extractor.name,
+                  comparable_to_papers=bool(getattr(extractor, "comparable_to_papers", False)))
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A small human-readable table of a result dict."""
+    rows = []
+    if "fid" in result:
+        rows.append(("FID", f"{result['fid']:.4f}"))
+    if "kid_mean" in result:
+        rows.append(("KID", f"{result['kid_mean']:.5f} ± {result['kid_std']:.5f}"))
+    if "is_mean" in result:
+        rows.append(("Inception Score", f"{result['is_mean']:.3f} ± {result['is_std']:.3f}"))
+    if "precision" in result:
+        rows.append(("precision / recall", f"{result['precision']:.3f} / {result['recall']:.3f}"))
+    note = "" if result.get("comparable_to_papers") else "  (domain features: compare only within this project)"
+    lines = [f"features: {result['features']}{note}", f"real: {result['real']}  fake: {result['fake']}"]
+    lines += [f"  {name:<20} {value}" for name, value in rows]
+    return "\n".join(lines)
