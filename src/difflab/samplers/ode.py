@@ -44,30 +44,17 @@ def sample_heun(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, 
     return x
 
 
-@torch.no_grad()
 def sample_dpmpp_2m(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None,
                     generator: Generator = None, callback: Callback | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction, one evaluation per step.
 
     With lambda = -log sigma and h = lambda' - lambda,
         x' = (sigma' / sigma) x - (e^{-h} - 1) D_hat,   D_hat = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},  r = h_{i-1} / h.
-    The first step, and the last one (sigma' = 0, h infinite), are first order (= DDIM)."""
-    x, sigmas = prepare(x, sigmas)
-    old_x0, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = evaluate(denoiser, x, sigma, cond, i, callback)
-        if sigma_next == 0:
-            x = x0
-            break
-        h = sigma.log() - sigma_next.log()
-        x0_hat = x0
-        if old_x0 is not None:
-            r = h_last / h
-            x0_hat = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
-        x = (sigma_next / sigma) * x - torch.expm1(-h) * x0_hat
-        old_x0, h_last = x0, h
-    return x
+    The first step, and the last one (sigma' = 0, h infinite), are first order (= DDIM). This is the
+    SDE variant with eta = 0, so one loop serves both (:func:`difflab.samplers.stochastic.sample_dpmpp_2m_sde`)."""
+    from difflab.samplers.stochastic import sample_dpmpp_2m_sde
+
+    return sample_dpmpp_2m_sde(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, eta=0.0)
 
 
 @torch.no_grad()
