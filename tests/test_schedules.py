@@ -104,3 +104,14 @@ def test_bad_schedule_arguments():
         sampling_timesteps(100, 0)
     with pytest.raises(DifflabError, match="spacing"):
         sampling_timesteps(100, 10, "random")
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "trailing", "leading"])
+def test_every_step_count_gives_a_valid_subsequence(spacing):
+    # (diffusers' float arange for "trailing" yields an extra timestep at 61, 103, ... steps; ours does not)
+    for steps in range(1, 1001):
+        ts = sampling_timesteps(1000, steps, spacing)
+        assert len(ts) == steps and ts.min() >= 0 and ts.max() <= 999
+        assert bool((ts[:-1] > ts[1:]).all()), (spacing, steps)
+        if spacing == "trailing":
+            assert ts[0] == 999

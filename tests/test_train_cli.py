@@ -106,7 +106,7 @@ def test_cli_train_and_sample(tmp_path, capsys):
     assert "ms/image" in capsys.readouterr().out
     code = main(["sample", str(run / "checkpoints" / "step_0000020"), "--sampler", "ddpm", "--steps", "10",
                  "-n", "2", "--variance", "beta", "--quiet"])
-    assert code == 0 and (run / "generated" / "ddpm_10steps_seed0.png").is_file()
+    assert code == 0 and (run / "generated" / "ddpm_10steps_seed0_variancebeta.png").is_file()
     # a YAML config file, with flags overriding it
     cfg = tmp_path / "run.yaml"
     cfg.write_text("steps: 5\nbatch_size: 8\nsample_every: 0\nnum_samples: 2\nsample_steps: 2\nmodel:\n  base_channels: 16\n")
@@ -192,3 +192,32 @@ def test_every_sampler_runs_on_a_trained_model_and_reports_nfe(run, capsys):
     assert main(["sample", str(run), "--sampler", "heun", "--steps", "3", "-n", "2", "--quiet", "--threshold", "0.99"]) == 0
     assert "5 network evaluations (NFE) each" in capsys.readouterr().out
     _one_line_error(capsys, ["sample", str(run), "--sampler", "ddim", "--churn", "3"], "churn", "ddim")
+
+
+def test_ema_weights_stay_outside_autograd(tmp_path, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("difflab.train")  # the module, not the function difflab.train
+
+    seen = {}
+    original = train_module.save_checkpoint
+
+    def spy(*args, **kwargs):
+        seen["ema"] = kwargs["ema"]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", spy)
+    difflab.train(steps=3, out=str(tmp_path), progress=False, batch_size=4, sample_every=0, num_samples=1,
+                  sample_steps=1, model={"base_channels": 16})
+    assert all(p.grad_fn is None and not p.requires_grad for p in seen["ema"].parameters())
+
+
+def test_resume_accepts_unchanged_values_and_refuses_unsupported_options(tmp_path):
+    common = dict(out=str(tmp_path), progress=False, batch_size=4, sample_every=0, num_samples=1, sample_steps=1,
+                  model={"base_channels": 16})
+    run = difflab.train(steps=2, **common)
+    assert difflab.train(resume=run, steps=3, image_size=8, hflip=False, progress=False) == run
+    with pytest.raises(DifflabError, match="image_size"):
+        difflab.train(resume=run, steps=4, image_size=16, progress=False)
+    with pytest.raises(DifflabError, match="num_classes"):
+        difflab.train(steps=2, **{**common, "model": {"num_classes": 10}})

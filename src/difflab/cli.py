@@ -217,6 +217,10 @@ def run_sample(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run_dir / "generated"
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{args.sampler}_{args.steps or 'default'}steps_seed{args.seed}"
+    extras = {"spacing": args.spacing if args.spacing != "uniform" else None, "threshold": args.threshold,
+              "weights": args.weights if args.weights != "ema" else None, "noclip": True if args.no_clip else None,
+              **options}
+    tag += "".join(f"_{k}{'' if v is True else v}" for k, v in extras.items() if v is not None)
     written = []
     if args.grid:
         written.append(save_grid(images, out / f"{tag}.png"))

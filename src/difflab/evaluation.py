@@ -89,6 +89,8 @@ def evaluate(real: str, fake: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS
     device = resolve_device(device)
     # choose (and load) the feature extractor first: a bad name should fail before minutes of sampling
     ref = load_reference(real) if is_reference(real) else None
+    if ref is not None and save_reference:
+        raise DifflabError("--save-reference needs a dataset or folder as --real, not a saved reference")
     if is_run(fake):
         dataset = read_config(resolve_checkpoint(fake))["data"]["name"]
     else:
@@ -101,8 +103,9 @@ def evaluate(real: str, fake: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS
     if ref is not None:
         if ref.extractor_name != extractor.name:
             raise DifflabError(f"reference {real} was computed with '{ref.extractor_name}', not '{extractor.name}'")
-        real_feats = ref.features
+        real_feats, real_stats = ref.features, (ref.mu, ref.sigma)
     else:
+        real_stats = None
         _, channels, h, _ = fake_images.shape
         real_images, real_name = load_real_images(real, n=n, image_size=h, channels=channels,
                                                   data_dir=data_dir, split=split, progress=progress)
@@ -111,7 +114,7 @@ def evaluate(real: str, fake: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS
             save_ref(save_reference, real_feats, extractor_name=extractor.name,
                      info={"dataset": real_name, "split": split, "n": len(real_feats), "features": features})
     fake_feats, fake_probs = compute_features(extractor, fake_images, progress=progress)
-    result = evaluate_features(real_feats, fake_feats, fake_probs=fake_probs, metrics=metrics)
+    result = evaluate_features(real_feats, fake_feats, fake_probs=fake_probs, metrics=metrics, real_stats=real_stats)
     result.update(real=str(real), fake=fake_info, features=extractor.name,
                   comparable_to_papers=bool(getattr(extractor, "comparable_to_papers", False)))
     return result

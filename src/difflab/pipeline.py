@@ -156,7 +156,8 @@ def generate(
     if batch_size < 1:
         raise DifflabError(f"the batch size must be at least 1, got {batch_size}")
     schedule = denoiser.schedule
-    steps = steps or (schedule.T if sampler == "ddpm" else 50)
+    if steps is None:
+        steps = schedule.T if sampler == "ddpm" else 50
     sigmas = sampling_sigmas(schedule, steps, spacing, rho)
     device = next(denoiser.parameters()).device
     den = dynamic_threshold(denoiser, threshold) if threshold is not None else clip_x0(denoiser) if clip else denoiser
@@ -168,7 +169,7 @@ def generate(
             stop = min(n, start + batch_size)
             gens = [torch.Generator().manual_seed(seed + i) for i in range(start, stop)]
             x = initial_noise(image_shape, float(sigmas[0]), gens, device)
-            c = cond[start:stop] if cond is not None else None
+            c = cond[start:stop].to(device) if cond is not None else None
             counted = CountingDenoiser(den)
             cb = (lambda i, s, x_, x0, k=stop - start: bar.update(k)) if progress else None
             out.append(sample_fn(counted, x, sigmas, cond=c, generator=gens, callback=cb, **options))

@@ -151,7 +151,7 @@ def sampling_timesteps(T: int, steps: int, spacing: str = "uniform") -> torch.Te
     """A decreasing subsequence of ``steps`` integer timesteps out of 0..T-1 (DDIM, Song et al. 2021, §4.2).
 
     uniform:  round(linspace(0, T-1, steps))                    (diffusers "linspace")
-    trailing: round(arange(T, 0, -T/steps)) - 1  — always starts at the last timestep (Lin et al. 2024)
+    trailing: round(k T / steps) - 1, k = steps .. 1  — always starts at the last timestep (Lin et al. 2024)
     leading:  arange(steps) * (T // steps)       — the original DDIM choice (diffusers' default)
     """
     if not 1 <= steps <= T:
@@ -159,7 +159,7 @@ def sampling_timesteps(T: int, steps: int, spacing: str = "uniform") -> torch.Te
     if spacing == "uniform":
         ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
     elif spacing == "trailing":
-        ts = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1).long()
+        ts = (torch.arange(steps, 0, -1, dtype=torch.float64) * T / steps).round().long() - 1
     elif spacing == "leading":
         ts = torch.arange(steps, dtype=torch.long) * (T // steps)
     else:

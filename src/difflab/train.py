@@ -100,14 +100,14 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
         if not saved.is_file():
             raise DifflabError(f"cannot resume: '{run_dir}' is not a run folder (no config.json)")
         base = json.loads(saved.read_text())
-        changed = [k for k in FROZEN_ON_RESUME if k in overrides and overrides[k] != base.get(k)]
+        cfg, old = make_config(base, **overrides), make_config(base)
+        changed = [k for k in FROZEN_ON_RESUME if k in overrides and getattr(cfg, k) != getattr(old, k)
+                   and overrides[k] is not None]
         if changed:
             raise DifflabError(f"cannot change {', '.join(changed)} when resuming a run")
-        cfg = make_config(base, **overrides)
     else:
-        cfg = config if isinstance(config, TrainConfig) else make_config(config, **overrides)
-        if isinstance(config, TrainConfig) and overrides:
-            cfg = dataclasses.replace(cfg, **overrides)
+        base = dataclasses.asdict(config) if isinstance(config, TrainConfig) else config
+        cfg = make_config(base, **overrides)
     for name in ("steps", "batch_size", "timesteps", "log_every", "checkpoint_every", "num_samples", "sample_steps"):
         if getattr(cfg, name) < 1:
             raise DifflabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -127,9 +127,12 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
     if height != width:
         raise DifflabError(f"images must be square for the U-Net, got {height}x{width} (set --image-size)")
     hflip = cfg.hflip if cfg.hflip is not None else (data.name in PHOTO_DATASETS or data.name.startswith("folder"))
+    cfg = dataclasses.replace(cfg, image_size=height, channels=channels, hflip=hflip)  # saved resolved
     images = data.images.to(device)
 
     # ---- model: U-Net + preconditioning, an EMA copy, AdamW
+    if cfg.model.get("num_classes") is not None:
+        raise DifflabError("class-conditional training is not available yet: remove num_classes from the model options")
     ucfg = unet_config(cfg.preset, image_size=height, in_channels=channels, **cfg.model)
     schedule = make_schedule(cfg.schedule, cfg.timesteps)
     net = UNet(ucfg).to(device)
@@ -156,7 +159,12 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
             tensors, meta = load_training_state(checkpoint)
             optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
             torch.set_rng_state(tensors["rng.torch"])
-            noise_gen.set_state(tensors["rng.noise"])
+            if meta.get("noise_device", "cpu") == device.type:
+                noise_gen.set_state(tensors["rng.noise"])
+            else:  # a CPU generator state does not fit a CUDA generator: continue with a fresh stream
+                print(f"warning: the run trained on {meta.get('noise_device')} and resumes on {device.type}: "
+                      "training continues correctly but not bit-identically to an uninterrupted run")
+                noise_gen.manual_seed(cfg.seed + 1 + meta["step"])
             if cuda and "rng.cuda" in tensors:
                 torch.cuda.set_rng_state(tensors["rng.cuda"], device)
             start, skipped = meta["step"], meta.get("skipped", 0)
@@ -175,7 +183,8 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
         if cuda:
             tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
         return save_checkpoint(run_dir, step, model=net, ema=ema, config=mconfig, state_tensors=tensors,
-                               state_json={"optimizer": opt_meta, "skipped": skipped}, keep=cfg.keep)
+                               state_json={"optimizer": opt_meta, "skipped": skipped, "noise_device": device.type},
+                               keep=cfg.keep)
 
     evaluator = make_evaluator(cfg, data, device, progress) if cfg.eval_every else None
 
@@ -227,11 +236,16 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 skipped += 1  # a non-finite step changes nothing: no update, no EMA
+                if stop.requested:
+                    path = checkpoint_now(step)
+                    raise DifflabError(f"interrupted at step {step}; checkpoint saved in {path}. "
+                                       f"Continue with: difflab train --resume {run_dir}")
                 continue
             optimizer.step()
             # EMA of the weights, with a warm-up so short runs are not dominated by the initialisation
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+            with torch.no_grad():  # outside autograd, or every step would extend the graph
+                torch._foreach_lerp_(ema_params, params, 1 - decay)
             # log
             loss_sum += loss.item()
             loss_count += 1
@@ -252,7 +266,7 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
                 plot_loss(run_dir / "log.jsonl", run_dir / "loss.png")
             if done % cfg.checkpoint_every == 0 and done != cfg.steps:
                 checkpoint_now(done)
-            if stop.requested:
+            if stop.requested and done < cfg.steps:  # on the last step, finish normally instead
                 path = checkpoint_now(done)
                 raise DifflabError(f"interrupted after step {done}; checkpoint saved in {path}. "
                                    f"Continue with: difflab train --resume {run_dir}")
@@ -318,5 +332,11 @@ class GracefulStop:
 def _truncate_log(path: Path, step: int) -> None:
     """On resume, drop log rows written after the checkpoint (they will be written again)."""
     if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+        path.write_text("".join(r + "\n" for r in kept))
