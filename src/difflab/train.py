@@ -204,16 +204,19 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
 
     # ---- the loop
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
-    params = [p for p in net.parameters()]
-    ema_params = [p for p in ema.parameters()]
+    params, ema_params = list(net.parameters()), list(ema.parameters())
     log_file = open(run_dir / "log.jsonl", "a")
     bar = tqdm(total=cfg.steps, initial=start, desc=f"training {run_dir.name}", unit="step", disable=not progress,
                dynamic_ncols=True)
-    loss_sum, loss_count, t_last, step = 0.0, 0, time.perf_counter(), start
+    loss_sum, loss_count, t_last = 0.0, 0, time.perf_counter()
     net.train()
     stop = GracefulStop()
     try:
         for step in range(start, cfg.steps):
+            if stop.requested:  # Ctrl-C / SIGTERM came during the previous step, which finished: save and stop
+                path = checkpoint_now(step)
+                raise DifflabError(f"interrupted after step {step}; checkpoint saved in {path}. "
+                                   f"Continue with: difflab train --resume {run_dir}")
             # data: a batch in [-1, 1], optionally mirrored
             x0 = images[batch_indices(step, cfg.batch_size, n, cfg.seed).to(device)].float() / 127.5 - 1
             if hflip:
@@ -236,10 +239,6 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 skipped += 1  # a non-finite step changes nothing: no update, no EMA
-                if stop.requested:
-                    path = checkpoint_now(step)
-                    raise DifflabError(f"interrupted at step {step}; checkpoint saved in {path}. "
-                                       f"Continue with: difflab train --resume {run_dir}")
                 continue
             optimizer.step()
             # EMA of the weights, with a warm-up so short runs are not dominated by the initialisation
@@ -266,10 +265,6 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
                 plot_loss(run_dir / "log.jsonl", run_dir / "loss.png")
             if done % cfg.checkpoint_every == 0 and done != cfg.steps:
                 checkpoint_now(done)
-            if stop.requested and done < cfg.steps:  # on the last step, finish normally instead
-                path = checkpoint_now(done)
-                raise DifflabError(f"interrupted after step {done}; checkpoint saved in {path}. "
-                                   f"Continue with: difflab train --resume {run_dir}")
     finally:
         stop.restore()
         bar.close()
