@@ -9,7 +9,13 @@ A checkpoint is a folder ``checkpoints/step_NNNNNNN/`` holding
     config.json         everything needed to rebuild the model (network config, schedule, prediction, data shape)
 
 It is written to a temporary folder next to its final place, flushed, then renamed, so a crash mid-write
-never leaves a half checkpoint under a name that :func:`latest_checkpoint` would pick.
+never leaves a half checkpoint under a name that :func:`latest_valid_checkpoint` would pick. Before writing,
+the free disk space is checked; a write that fails anyway (disk full, I/O error) removes its temporary folder
+and raises :class:`CheckpointWriteError`, and older checkpoints are pruned only once the new one is complete,
+so a failed save never costs a checkpoint that was already on disk.
+
+Every file offered as a checkpoint is read with safetensors or JSON, never unpickled: a ``.pt`` / ``.ckpt``
+pickle (or a pickle renamed to ``model.safetensors``) is refused before a byte of it is interpreted.
 """
 
 from __future__ import annotations
@@ -27,6 +33,25 @@ from difflab.errors import DifflabError
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 REQUIRED_FILES = ("model.safetensors", "ema.safetensors", "config.json")
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+SPACE_MARGIN = (0.10, 1 << 20)  # free space needed beyond the tensors: 10% plus 1 MiB (JSON, file-system overhead)
+
+
+class CheckpointWriteError(DifflabError):
+    """A checkpoint could not be written (too little disk space, an I/O error); nothing older was touched."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _human(nbytes: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
 
 
 def _fsync_dir(path: Path) -> None:
@@ -76,6 +101,23 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def checkpoint_nbytes(*tensor_dicts: dict[str, torch.Tensor]) -> int:
+    """Bytes the tensors take on disk as safetensors (their data; headers and JSON are in the margin)."""
+    return sum(t.numel() * t.element_size() for d in tensor_dicts for t in d.values())
+
+
+def check_free_space(folder: Path, nbytes: int) -> None:
+    """Raise :class:`CheckpointWriteError` unless ``folder``'s disk has room for ``nbytes`` plus a margin."""
+    need = int(nbytes * (1 + SPACE_MARGIN[0])) + SPACE_MARGIN[1]
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # pragma: no cover - a file system that cannot say; the write itself will tell
+        return
+    if free < need:
+        raise CheckpointWriteError(f"not enough disk space to write a checkpoint in {folder}: "
+                                   f"needs {_human(need)}, {_human(free)} free")
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -87,29 +129,73 @@ def save_checkpoint(
     state_json: dict,
     keep: int = 3,
 ) -> Path:
-    """Write ``run_dir/checkpoints/step_<step>`` atomically; then prune all but the newest ``keep``."""
+    """Write ``run_dir/checkpoints/step_<step>`` atomically, then prune all but the newest ``keep``.
+
+    Raises :class:`CheckpointWriteError` (a :class:`DifflabError`) when the disk lacks room or the write
+    fails; the temporary folder is removed and every earlier checkpoint is left as it was, so a training
+    loop can warn and carry on. ``keep`` counts the new checkpoint; only checkpoints of earlier steps
+    are pruned, and only after the new one is complete (``keep <= 0`` keeps everything)."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_tensors.items()}, tmp / "state.safetensors")
-    write_json(tmp / "state.json", {"step": step, **state_json})
-    write_json(tmp / "config.json", config)
-    for f in tmp.iterdir():  # flush the weights too before the rename makes the checkpoint visible
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    files = {
+        "model.safetensors": model.state_dict(),
+        "ema.safetensors": ema.state_dict(),
+        "state.safetensors": state_tensors,
+    }
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step_*"):  # left by a crash; only the main process writes checkpoints
+            shutil.rmtree(stale, ignore_errors=True)
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot write a checkpoint in {root}: {_first_line(e)}") from None
+    check_free_space(root, checkpoint_nbytes(*files.values()))
+    try:
+        tmp.mkdir()
+        for name, tensors in files.items():  # one file on the CPU at a time
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / name)
+        write_json(tmp / "state.json", {"step": step, **state_json})
+        write_json(tmp / "config.json", config)
+        for f in tmp.iterdir():  # flush the weights too before the rename makes the checkpoint visible
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        _replace_folder(tmp, final)
+    except BaseException as e:  # a full disk, an I/O error, Ctrl-C: never leave a half checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, Exception):
+            raise
+        raise CheckpointWriteError(f"could not write checkpoint {final}: {_first_line(e)}") from e
+    try:
+        _fsync_dir(root)
+    except OSError:  # the checkpoint is complete; only its survival of a power cut is less certain
+        pass
+    if keep > 0:
+        older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < step]
+        for old in older[: max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _replace_folder(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; an existing ``dst`` is set aside first and restored if the rename fails."""
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    aside = dst.with_name(f".old-{dst.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(dst, aside)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(aside, dst)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The training step of a ``step_NNNNNNN`` checkpoint folder."""
+    return int(CHECKPOINT_RE.match(Path(checkpoint).name).group(1))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -119,7 +205,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
     found = [p for p in found if all((p / f).is_file() for f in REQUIRED_FILES)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -127,6 +213,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise DifflabError(f"no run or checkpoint at '{path}'")
+    if not path.is_dir():
+        if path.suffix.lower() in PICKLE_SUFFIXES or _sniff(path) == "pickle":
+            raise DifflabError(f"'{path}' is a file, not a difflab checkpoint folder; difflab never loads pickles "
+                               "(give a run folder or a checkpoint folder with safetensors weights)")
+        raise DifflabError(f"'{path}' is a file, not a difflab run or checkpoint folder")
     if all((path / f).is_file() for f in REQUIRED_FILES):
         return path
     found = list_checkpoints(path)
@@ -142,22 +233,48 @@ def read_config(checkpoint: Path) -> dict:
         raise DifflabError(f"cannot read {Path(checkpoint) / 'config.json'}: {e}") from None
 
 
+def _sniff(path: Path) -> str:
+    """'safetensors', 'pickle' (a raw pickle or PyTorch's zip of pickles) or 'other', from the first bytes.
+
+    A safetensors file opens with an 8-byte little-endian header length and then the JSON header ``{``;
+    a pickle opens with the PROTO opcode 0x80 (protocol 2+), a ``torch.save`` file with a zip signature."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return "other"
+    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "other"
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a pickle under any name is refused unread (one-line :class:`DifflabError`)."""
+    path = Path(path)
+    if _sniff(path) == "pickle":
+        raise DifflabError(f"{path} is a pickle, not safetensors; difflab never loads pickles")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise DifflabError(f"cannot read {path}: {_first_line(e)}") from None
+
+
 def load_weights(checkpoint: Path, which: str = "ema") -> dict[str, torch.Tensor]:
     """Load ``model`` or ``ema`` weights from a checkpoint folder."""
     if which not in ("model", "ema"):
         raise DifflabError(f"weights must be 'ema' or 'model', got '{which}'")
-    try:
-        return load_file(Path(checkpoint) / f"{which}.safetensors")
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise DifflabError(f"cannot read {Path(checkpoint) / f'{which}.safetensors'}: {e}") from None
+    return load_tensors(Path(checkpoint) / f"{which}.safetensors")
 
 
 def load_training_state(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer / RNG tensors and the ``state.json`` of a checkpoint folder."""
+    tensors = load_tensors(Path(checkpoint) / "state.safetensors")
     try:
-        tensors = load_file(Path(checkpoint) / "state.safetensors")
         meta = json.loads((Path(checkpoint) / "state.json").read_text())
-    except Exception as e:
-        raise DifflabError(f"cannot read the training state in {checkpoint}: {e}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise DifflabError(f"cannot read the training state in {checkpoint}: {_first_line(e)}") from None
     return tensors, meta
 
 
@@ -168,11 +285,13 @@ def latest_valid_checkpoint(run_dir: Path) -> Path | None:
     for checkpoint in reversed(list_checkpoints(run_dir)):
         try:
             for name in ("model.safetensors", "ema.safetensors", "state.safetensors"):
+                if _sniff(checkpoint / name) == "pickle":
+                    raise DifflabError(f"{name} is a pickle, not safetensors; difflab never loads pickles")
                 with safe_open(str(checkpoint / name), framework="pt") as f:
                     f.keys()
             json.loads((checkpoint / "state.json").read_text())
             json.loads((checkpoint / "config.json").read_text())
             return checkpoint
         except Exception as e:
-            print(f"warning: skipping damaged checkpoint {checkpoint}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            print(f"warning: skipping damaged checkpoint {checkpoint}: {_first_line(e)}")
     return None
