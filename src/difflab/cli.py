@@ -17,6 +17,7 @@ EPILOG_TRAIN = """examples:
   difflab train --dataset ./my_photos --image-size 64 --preset small
   difflab train --config run.yaml --lr 1e-4      # flags override the file
   difflab train --resume runs/digits --steps 10000
+  difflab train --conditional                    # class-conditional (label dropout 0.1): one row per class in samples.png
 
 every run folder holds config.json, log.jsonl, loss.png, samples.png (+ samples/step_*.png) and
 checkpoints/step_*/ (safetensors weights + EMA + JSON config + optimizer state)."""
@@ -28,6 +29,13 @@ EPILOG_SAMPLE = """examples:
   difflab sample runs/digits --sampler dpmpp_2m --steps 15 --spacing karras
   difflab sample runs/digits --sampler heun --steps 10 --threshold 0.995
   difflab samplers                                         # every sampler, its cost and what it is
+
+class-conditional models (difflab train --conditional) and guidance:
+  difflab sample runs/digits-cond                          # one row per class, guidance scale 3
+  difflab sample runs/digits-cond --class 3 --guidance-scale 3.0 -n 16
+  difflab sample runs/fashion-mnist --class sandal,bag --guidance-scale 5 --guidance-rescale 0.7
+  difflab sample runs/digits --classifier runs/digits-classifier --class all --classifier-scale 2
+guidance scale w: 0 = unconditional, 1 = conditional, >1 trades diversity for fidelity.
 
 DDIM with eta = 0 is deterministic (Euler on the probability-flow ODE); eta = 1 is DDPM's ancestral step.
 The same --seed gives the same images whatever the batch size; image i uses seed + i."""
@@ -60,12 +68,36 @@ def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a diffusion model", description="Train a DDPM-style diffusion model "
                        "(tutorial §4.1) and write samples, a loss plot and checkpoints to a run folder.",
                        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(p, TrainConfig)
+
+
+EPILOG_CLASSIFIER = """examples:
+  difflab train-classifier                                  # on the bundled digits (CPU, about a minute)
+  difflab train-classifier --dataset fashion-mnist --preset small --steps 20000
+  difflab sample runs/digits --classifier runs/digits-classifier --class 7 --classifier-scale 2
+
+Train it on the same data, image size, schedule and timesteps as the diffusion model it will guide.
+The run folder holds accuracy.json / accuracy.png: held-out accuracy at each noise level."""
+
+
+def add_train_classifier_parser(sub) -> None:
+    from difflab.config import ClassifierTrainConfig
+
+    p = sub.add_parser("train-classifier", help="train a noise-aware classifier for classifier guidance",
+                       description="Train p(y | x_t, t), the U-Net's encoder half with a pooling head, on noisy images "
+                       "at every noise level (Dhariwal & Nichol 2021; tutorial §8.2), for classifier guidance.",
+                       epilog=EPILOG_CLASSIFIER, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(p, ClassifierTrainConfig)
+
+
+def add_config_flags(p: argparse.ArgumentParser, config_class) -> None:
+    """--config, --resume, --overwrite, --quiet and one flag per field of the config dataclass."""
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (flags override it)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
         if f.name == "model":
             continue  # a nested dict: config files only
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -96,7 +128,21 @@ def add_sample_parser(sub) -> None:
     options.add_argument("--predictor", help="pc: the predictor sampler (default: euler)")
     options.add_argument("--corrector-steps", type=int, help="pc: Langevin corrector steps after each predictor step")
     options.add_argument("--snr", type=float, help="pc: signal-to-noise ratio that sets the Langevin step size")
-    p.add_argument("-n", "--num", type=int, default=64, help="how many images (default: 64)")
+    guidance = p.add_argument_group("classes and guidance")
+    guidance.add_argument("--class", dest="classes", metavar="CLASS",
+                          help="class index or name, a comma list, or 'all' (default for a class-conditional model: all, "
+                               "one row per class)")
+    guidance.add_argument("--guidance-scale", type=float, default=None, metavar="W",
+                          help="classifier-free guidance scale: 0 = unconditional, 1 = conditional, >1 = stronger "
+                               "(default for a class-conditional model: 3)")
+    guidance.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                          help="guidance rescale in [0, 1] (Lin et al. 2024) against over-saturation at large scales")
+    guidance.add_argument("--classifier", metavar="RUN",
+                          help="classifier guidance with this noise-aware classifier (difflab train-classifier)")
+    guidance.add_argument("--classifier-scale", type=float, default=1.0, metavar="S",
+                          help="classifier guidance scale (default: 1, the plain conditional score)")
+    p.add_argument("-n", "--num", type=int, default=None,
+                   help="how many images (default: 64), or images per class when classes are sampled (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
     p.add_argument("--batch-size", type=int, default=256, help="images per network call (default: 256)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/generated)")
@@ -183,20 +229,35 @@ def run_samplers(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from difflab.config import load_config_file
     from difflab.train import train
 
-    special = {"config", "resume", "overwrite", "quiet", "command"}
-    flags = {k: v for k, v in vars(args).items() if k not in special}
-    data = load_config_file(args.config) if args.config else {}
     started = time.perf_counter()
-    if args.resume:
-        run = train(resume=args.resume, progress=not args.quiet, **{**data, **flags})
-    else:
-        run = train({**data, **flags}, overwrite=args.overwrite, progress=not args.quiet)
+    run = _run_config_command(args, train, None)
     minutes = (time.perf_counter() - started) / 60
     print(f"done in {minutes:.1f} min: {run}  (samples: {run / 'samples.png'}, loss plot: {run / 'loss.png'})")
     print(f"sample more with: difflab sample {run}")
+    return 0
+
+
+def _run_config_command(args: argparse.Namespace, fn, config_class):
+    """Call ``train`` or ``train_classifier`` with the config file, the flags and --resume / --overwrite."""
+    from difflab.config import load_config_file
+
+    special = {"config", "resume", "overwrite", "quiet", "command"}
+    flags = {k: v for k, v in vars(args).items() if k not in special}
+    data = load_config_file(args.config, config_class) if args.config else {}
+    if args.resume:
+        return fn(resume=args.resume, progress=not args.quiet, **{**data, **flags})
+    return fn({**data, **flags}, overwrite=args.overwrite, progress=not args.quiet)
+
+
+def run_train_classifier(args: argparse.Namespace) -> int:
+    from difflab.classifier import train_classifier
+    from difflab.config import ClassifierTrainConfig
+
+    run = _run_config_command(args, train_classifier, ClassifierTrainConfig)
+    print(f"done: {run}  (accuracy by noise level: {run / 'accuracy.png'})")
+    print(f"guide a model with: difflab sample RUN --classifier {run} --class all")
     return 0
 
 
@@ -208,30 +269,71 @@ def run_sample(args: argparse.Namespace) -> int:
 
     options = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k) is not None}
     model = load_model(args.model, weights=args.weights, device=args.device)
+    guidance, per_row, cond = _guidance_options(args, model)
+    num = args.num if args.num is not None else (8 if cond is not None else 64)
+    if num < 1:
+        raise DifflabError(f"-n must be at least 1, got {num}")
+    if cond is not None:
+        cond, per_row = cond.repeat_interleave(num), num  # one row per class
     stats: dict = {}
     with torch.autocast("cuda", torch.bfloat16) if model.device.type == "cuda" else torch.autocast("cpu", enabled=False):
-        images = generate(model.denoiser, model.image_shape, args.num, sampler=args.sampler, steps=args.steps,
-                          spacing=args.spacing, rho=args.rho, seed=args.seed, batch_size=args.batch_size, clip=not args.no_clip,
-                          threshold=args.threshold, progress=not args.quiet, stats=stats, **options)
+        images = generate(model.denoiser, model.image_shape, len(cond) if cond is not None else num, sampler=args.sampler,
+                          steps=args.steps, spacing=args.spacing, rho=args.rho, seed=args.seed, batch_size=args.batch_size,
+                          clip=not args.no_clip, threshold=args.threshold, progress=not args.quiet, stats=stats, cond=cond,
+                          **guidance, **options)
+    num = len(images)
     run_dir = model.checkpoint.parent.parent if model.checkpoint.parent.name == "checkpoints" else model.checkpoint
     out = Path(args.out) if args.out else run_dir / "generated"
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{args.sampler}_{args.steps or 'default'}steps_seed{args.seed}"
     extras = {"spacing": args.spacing if args.spacing != "uniform" else None, "threshold": args.threshold,
               "weights": args.weights if args.weights != "ema" else None, "noclip": True if args.no_clip else None,
-              **options}
+              "class": args.classes.replace(",", "+").replace("/", "-").replace(" ", "") if args.classes else None,
+              "cfg": guidance.get("guidance_scale"), "rescale": guidance.get("guidance_rescale") or None,
+              "clf": guidance.get("classifier_scale"), **options}
     tag += "".join(f"_{k}{'' if v is True else v}" for k, v in extras.items() if v is not None)
     written = []
     if args.grid:
-        written.append(save_grid(images, out / f"{tag}.png"))
+        written.append(save_grid(images, out / f"{tag}.png", nrow=per_row))
     if args.individual:
         for i, img in enumerate(to_pil(images)):
             img.save(out / f"{tag}_{i:05d}.png")
         written.append(out / f"{tag}_*.png")
     seconds = stats["seconds"]
-    print(f"{args.num} images, {stats['nfe']} network evaluations (NFE) each, {seconds:.1f} s "
-          f"({seconds / args.num * 1000:.1f} ms/image) -> " + ", ".join(str(w) for w in written))
+    print(f"{num} images, {stats['nfe']} network evaluations (NFE) each, {seconds:.1f} s "
+          f"({seconds / num * 1000:.1f} ms/image) -> " + ", ".join(str(w) for w in written))
     return 0
+
+
+def _guidance_options(args: argparse.Namespace, model):
+    """(generate() guidance keywords, grid row length, the classes to sample or None) from the sample flags."""
+    import torch
+
+    from difflab.pipeline import parse_classes
+
+    if args.classifier:
+        from difflab.classifier import load_classifier
+
+        if args.guidance_scale is not None:
+            raise DifflabError("use either classifier-free guidance (--guidance-scale) or a --classifier, not both")
+        classifier = load_classifier(args.classifier, device=model.device)
+        if model.num_classes is not None:
+            raise DifflabError("--classifier guides an unconditional model; this one is class-conditional "
+                               "(use --guidance-scale)")
+        labels = parse_classes(args.classes or "all", classifier.class_names, len(classifier.class_names))
+        return {"classifier": classifier, "classifier_scale": args.classifier_scale}, None, torch.tensor(labels)
+    if model.num_classes is None:
+        if args.classes or args.guidance_scale is not None:
+            raise DifflabError("this model is unconditional: --class and --guidance-scale need a model trained with "
+                               "--conditional (or classifier guidance: --classifier RUN)")
+        if args.guidance_rescale:
+            raise DifflabError("--guidance-rescale applies only with classifier-free guidance")
+        return {}, None, None
+    if args.classifier_scale != 1.0:
+        raise DifflabError("--classifier-scale applies only with --classifier")
+    labels = parse_classes(args.classes or "all", model.class_names, model.num_classes)
+    scale = args.guidance_scale if args.guidance_scale is not None else 3.0
+    return {"guidance_scale": scale, "guidance_rescale": args.guidance_rescale}, None, torch.tensor(labels)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"difflab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_parser(sub)
+    add_train_classifier_parser(sub)
     add_sample_parser(sub)
     add_samplers_parser(sub)
     add_eval_parser(sub)
@@ -255,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"train": run_train, "sample": run_sample, "samplers": run_samplers, "eval": run_eval}[args.command](args)
+        return {"train": run_train, "train-classifier": run_train_classifier, "sample": run_sample, "samplers": run_samplers, "eval": run_eval}[args.command](args)
     except DifflabError as e:
         print(f"difflab: error: {e}", file=sys.stderr)
         return 2

@@ -33,6 +33,12 @@ class TrainConfig:
     weighting: str | None = _opt(None, "loss weighting: eps, x0 or v (default: the same as --prediction, i.e. plain MSE on the output)")
     schedule: str = _opt("linear", "noise schedule: linear, cosine, quadratic, sigmoid")
     timesteps: int = _opt(1000, "number of diffusion steps T")
+    conditional: bool = _opt(False, "class-conditional: the U-Net also sees the dataset's labels (needs labelled data: "
+                                    "a named dataset or a folder with one subfolder per class)")
+    label_dropout: float = _opt(0.1, "conditional: fraction of labels replaced by the learned null class, so one model "
+                                     "is conditional and unconditional (needed for classifier-free guidance)")
+    guidance_scale: float = _opt(3.0, "conditional: classifier-free guidance scale of the sample grids "
+                                      "(0 = unconditional, 1 = conditional, >1 = stronger)")
     # optimisation
     steps: int = _opt(2000, "training steps (optimizer updates); 2000 suit the bundled digits, real datasets want 20k-800k")
     batch_size: int = _opt(128, "images per step")
@@ -85,8 +91,9 @@ def _type_names(types) -> str:
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
 
 
-def load_config_file(path: str | Path) -> dict:
-    """Read a YAML or JSON config file into a dict of TrainConfig fields (unknown keys are refused)."""
+def load_config_file(path: str | Path, config_class: type = None) -> dict:
+    """Read a YAML or JSON config file into a dict of ``config_class`` (default TrainConfig) fields; unknown
+    keys are refused."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -105,19 +112,54 @@ def load_config_file(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise DifflabError(f"config file '{path}' must hold a mapping of option names to values")
-    check_keys(data, f"config file '{path}'")
+    check_keys(data, f"config file '{path}'", config_class)
     return data
 
 
-def check_keys(data: dict, where: str) -> None:
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+def check_keys(data: dict, where: str, config_class: type = None) -> None:
+    known = {f.name for f in dataclasses.fields(config_class or TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise DifflabError(f"{where}: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
 
 
-def make_config(data: dict | None = None, **overrides) -> TrainConfig:
-    """TrainConfig from a dict and keyword overrides, with one-line errors for unknown keys or bad types."""
+def make_config(data: dict | None = None, *, config_class: type = None, **overrides):
+    """A TrainConfig (or ``config_class``) from a dict and keyword overrides, with one-line errors for unknown
+    keys or bad types."""
+    config_class = config_class or TrainConfig
     merged = {**(data or {}), **overrides}
-    check_keys(merged, "training config")
-    return TrainConfig(**merged)
+    check_keys(merged, "training config", config_class)
+    return config_class(**merged)
+
+
+@dataclass
+class ClassifierTrainConfig:
+    """A noise-aware classifier for classifier guidance (``difflab train-classifier``): the U-Net's encoder half
+    with a pooling head, trained with cross-entropy on noisy images x_t at uniformly drawn timesteps."""
+
+    dataset: str = _opt("digits", "a labelled dataset: digits, fashion-mnist, mnist, cifar10, or a folder with one subfolder per class")
+    data_dir: str | None = _opt(None, "where to look for dataset files before downloading them")
+    image_size: int | None = _opt(None, "square size (default: the dataset's own); use the diffusion model's")
+    channels: int | None = _opt(None, "1 or 3 (default: the dataset's own); use the diffusion model's")
+    hflip: bool | None = _opt(None, "random horizontal flips (default: on for photos only)")
+    preset: str = _opt("tiny", "encoder size: the first half of this U-Net preset (tiny, small, ddpm-cifar10)")
+    model: dict = field(default_factory=dict, metadata={"help": "encoder config overrides (config file only)"})
+    schedule: str = _opt("linear", "noise schedule the classifier is trained under: use the diffusion model's")
+    timesteps: int = _opt(1000, "number of diffusion steps T: use the diffusion model's")
+    steps: int = _opt(2000, "training steps")
+    batch_size: int = _opt(128, "images per step")
+    lr: float = _opt(1e-3, "peak AdamW learning rate")
+    warmup: int = _opt(100, "linear learning-rate warm-up steps")
+    weight_decay: float = _opt(0.05, "AdamW weight decay")
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this value (0 = off)")
+    holdout: float = _opt(0.1, "fraction of the images held out to measure accuracy at each noise level")
+    device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    seed: int = _opt(0, "random seed for initialisation, data order, split and noise")
+    out: str = _opt("runs", "folder that holds run folders")
+    name: str | None = _opt(None, "run folder name (default: <dataset>-classifier, numbered if taken)")
+    log_every: int = _opt(50, "log loss and accuracy every N steps")
+    checkpoint_every: int = _opt(1000, "write a checkpoint every N steps (and always at the end)")
+    keep: int = _opt(2, "keep the newest N checkpoints")
+
+    def __post_init__(self):
+        check_types(self)

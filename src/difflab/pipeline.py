@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from difflab.checkpoint import load_weights, read_config, resolve_checkpoint
 from difflab.denoisers import Denoiser
 from difflab.errors import DifflabError
-from difflab.guidance import clip_x0, dynamic_threshold
+from difflab.guidance import classifier_free_guidance, classifier_guidance, clip_x0, dynamic_threshold
 from difflab.nn import UNet, UNetConfig
 from difflab.samplers import SAMPLERS, get_sampler
 from difflab.schedules import make_schedule, sampling_sigmas
@@ -78,6 +78,60 @@ class Model:
     @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes of a class-conditional model (None: unconditional)."""
+        return self.config["unet"].get("num_classes")
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.config["data"].get("class_names")
+
+
+def parse_classes(spec: str | int | list | None, class_names: list[str] | None, num_classes: int | None) -> list[int] | None:
+    """Class labels from what a user typed: an index ("3"), a name ("sandal"), a comma list ("0,2,sandal") or
+    "all"; None stays None. One-line errors for anything that is not a class of the model."""
+    if spec is None:
+        return None
+    if num_classes is None:
+        raise DifflabError("this model is unconditional: it has no classes (train with --conditional, or guide it "
+                           "with a classifier: --classifier)")
+    names = [c.lower() for c in (class_names or [str(i) for i in range(num_classes)])]
+    items = spec if isinstance(spec, (list, tuple)) else [spec] if isinstance(spec, int) else str(spec).split(",")
+    labels = []
+    for item in (str(i).strip().lower() for i in items):
+        if item == "all":
+            labels.extend(range(num_classes))
+        elif item in names:  # a name first: a folder class called "3" need not be class index 3
+            labels.append(names.index(item))
+        elif item.lstrip("-").isdigit() and 0 <= int(item) < num_classes:
+            labels.append(int(item))
+        else:
+            raise DifflabError(f"unknown class '{item}' (the model's classes: "
+                               f"{', '.join(f'{i}={c}' for i, c in enumerate(class_names or names))})")
+    return labels
+
+
+def guide(denoiser, *, guidance_scale: float | None = None, guidance_rescale: float = 0.0, classifier=None,
+          classifier_scale: float = 1.0):
+    """Wrap a model's denoiser with classifier-free guidance (a class-conditional model, ``guidance_scale``) or
+    classifier guidance (any model and a noise-aware ``classifier``); with neither it is returned unchanged."""
+    num_classes = getattr(getattr(getattr(denoiser, "net", None), "config", None), "num_classes", None)
+    if classifier is not None:
+        want = getattr(getattr(denoiser, "net", None), "config", None)
+        have = getattr(getattr(classifier, "net", None), "config", None)
+        if want is not None and have is not None and (want.image_size, want.in_channels) != (have.image_size, have.in_channels):
+            raise DifflabError(f"the classifier sees {have.in_channels}x{have.image_size}x{have.image_size} images but the "
+                               f"model makes {want.in_channels}x{want.image_size}x{want.image_size}: train it on the same data")
+        return classifier_guidance(denoiser, classifier, classifier_scale)
+    if guidance_scale is not None:
+        if num_classes is None:
+            raise DifflabError("classifier-free guidance needs a class-conditional model (train it with --conditional)")
+        return classifier_free_guidance(denoiser, guidance_scale, null_label=num_classes, rescale=guidance_rescale)
+    if guidance_rescale:
+        raise DifflabError("guidance rescale applies only with classifier-free guidance (set a guidance scale)")
+    return denoiser
 
 
 def load_model(path: str | Path, *, weights: str = "ema", device: str | torch.device = "auto") -> Model:
@@ -138,6 +192,10 @@ def generate(
     clip: bool = True,
     threshold: float | None = None,
     cond: torch.Tensor | None = None,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    classifier=None,
+    classifier_scale: float = 1.0,
     progress: bool = False,
     stats: dict | None = None,
     **options,
@@ -147,7 +205,10 @@ def generate(
     Image i always comes from seed ``seed + i``, whatever the batch size. ``steps`` defaults to T for
     DDPM and 50 otherwise; ``spacing`` picks the sigma grid (uniform, trailing, leading, karras with ``rho``);
     ``clip`` clamps the x0 estimate to [-1, 1], ``threshold`` (a percentile such as 0.995) applies
-    dynamic thresholding instead. ``options`` go to the sampler (``eta``, ``variance``, ``churn``, ...).
+    dynamic thresholding instead. ``cond`` holds one class label per image; with a class-conditional model
+    ``guidance_scale`` turns on classifier-free guidance (0 = unconditional, 1 = conditional, more = stronger;
+    ``guidance_rescale`` in [0, 1]); a noise-aware ``classifier`` (:func:`difflab.load_classifier`) guides any
+    model with ``classifier_scale``. ``options`` go to the sampler (``eta``, ``variance``, ``churn``, ...).
     When ``stats`` is a dict it receives ``nfe`` (network evaluations per image) and ``seconds``."""
     if n < 1:
         raise DifflabError(f"the number of images must be at least 1, got {n}")
@@ -160,7 +221,13 @@ def generate(
         steps = schedule.T if sampler == "ddpm" else 50
     sigmas = sampling_sigmas(schedule, steps, spacing, rho)
     device = next(denoiser.parameters()).device
-    den = dynamic_threshold(denoiser, threshold) if threshold is not None else clip_x0(denoiser) if clip else denoiser
+    if cond is not None and len(cond) != n:
+        raise DifflabError(f"got {len(cond)} class labels for {n} images")
+    if classifier is not None and cond is None:
+        raise DifflabError("classifier guidance needs the classes to generate (class labels)")
+    den = guide(denoiser, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, classifier=classifier,
+                classifier_scale=classifier_scale)
+    den = dynamic_threshold(den, threshold) if threshold is not None else clip_x0(den) if clip else den
     out, nfe, started = [], 0, time.perf_counter()
     cost = SAMPLERS[sampler].nfe
     total = n * cost(steps) if cost is not None else None
@@ -185,16 +252,25 @@ def sample(
     model: Model | str | Path,
     n: int = 16,
     *,
+    classes: str | int | list | None = None,
     output: str = "tensor",
     device: str | torch.device = "auto",
     **kwargs,
 ):
     """Generate ``n`` images from a :class:`Model` or a run/checkpoint path.
 
-    Returns a float tensor (n, C, H, W) in [0, 1] (``output="tensor"``) or a list of PIL images
-    (``output="pil"``). Keyword arguments as in :func:`generate` (sampler, steps, eta, seed, ...)."""
+    With ``classes`` (an index, a name, a list of them, or "all") it generates ``n`` images of each class,
+    class by class, e.g. ``sample(model, 8, classes="all", guidance_scale=3.0)``; for an unconditional model
+    pass a ``classifier`` too. Returns a float tensor (N, C, H, W) in [0, 1] (``output="tensor"``) or a list
+    of PIL images (``output="pil"``). Other keyword arguments as in :func:`generate` (sampler, steps, seed, ...)."""
     if not isinstance(model, Model):
         model = load_model(model, device=device)
+    if classes is not None:
+        clf = kwargs.get("classifier")
+        names = clf.class_names if clf is not None else model.class_names
+        labels = parse_classes(classes, names, len(names) if clf is not None else model.num_classes)
+        kwargs["cond"] = torch.tensor(labels).repeat_interleave(n)
+        n = len(kwargs["cond"])
     images = generate(model.denoiser, model.image_shape, n, **kwargs)
     if output == "pil":
         from difflab.viz import to_pil

@@ -41,14 +41,14 @@ from difflab.viz import plot_loss, save_grid
 PHOTO_DATASETS = ("cifar10",)  # datasets where a mirror image is still a plausible image
 # fields that shape the model or the data: a resumed run must keep them
 FROZEN_ON_RESUME = ("dataset", "image_size", "channels", "preset", "model", "prediction", "schedule", "timesteps",
-                    "batch_size", "seed", "weighting", "hflip")
+                    "batch_size", "seed", "weighting", "hflip", "conditional")
 
 
-def prepare_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
-    """A fresh run folder. A default name is numbered when taken; an explicit one is never overwritten
-    unless asked, so no earlier run is lost."""
+def prepare_run_dir(cfg, overwrite: bool, suffix: str = "") -> Path:
+    """A fresh run folder. A default name (the dataset's, plus ``suffix``) is numbered when taken; an explicit
+    one is never overwritten unless asked, so no earlier run is lost."""
     out = Path(cfg.out)
-    base = cfg.name or Path(cfg.dataset.rstrip("/")).name or "run"
+    base = cfg.name or (Path(cfg.dataset.rstrip("/")).name or "run") + suffix
     run = out / base
     if run.exists() and any(run.iterdir()):
         if overwrite:
@@ -113,6 +113,10 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
             raise DifflabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise DifflabError(f"--ema-decay must lie in [0, 1), got {cfg.ema_decay}")
+    if not 0.0 <= cfg.label_dropout < 1.0:
+        raise DifflabError(f"--label-dropout must lie in [0, 1), got {cfg.label_dropout}")
+    if "num_classes" in cfg.model:
+        raise DifflabError("set --conditional instead of model.num_classes: the number of classes comes from the dataset")
 
     if cfg.image_size is not None:  # refuse a size the U-Net cannot take before spending time on the data
         unet_config(cfg.preset, image_size=cfg.image_size, in_channels=cfg.channels or 1, **cfg.model)
@@ -129,11 +133,16 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
     hflip = cfg.hflip if cfg.hflip is not None else (data.name in PHOTO_DATASETS or data.name.startswith("folder"))
     cfg = dataclasses.replace(cfg, image_size=height, channels=channels, hflip=hflip)  # saved resolved
     images = data.images.to(device)
+    num_classes = None
+    if cfg.conditional:
+        if data.labels is None:
+            raise DifflabError(f"--conditional needs labelled data: '{cfg.dataset}' has no labels (a folder needs one "
+                               "subfolder per class)")
+        num_classes = len(data.class_names)
+        labels = data.labels.to(device)
 
-    # ---- model: U-Net + preconditioning, an EMA copy, AdamW
-    if cfg.model.get("num_classes") is not None:
-        raise DifflabError("class-conditional training is not available yet: remove num_classes from the model options")
-    ucfg = unet_config(cfg.preset, image_size=height, in_channels=channels, **cfg.model)
+    # ---- model: U-Net (+ class embedding with a null class) + preconditioning, an EMA copy, AdamW
+    ucfg = unet_config(cfg.preset, image_size=height, in_channels=channels, **cfg.model, num_classes=num_classes)
     schedule = make_schedule(cfg.schedule, cfg.timesteps)
     net = UNet(ucfg).to(device)
     if cuda:
@@ -188,19 +197,26 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
 
     evaluator = make_evaluator(cfg, data, device, progress) if cfg.eval_every else None
 
+    # conditional models are evaluated and shown class by class, with classifier-free guidance
+    guidance = dict(guidance_scale=cfg.guidance_scale) if num_classes else {}
+
     def evaluate_now(step: int) -> None:
+        cond = torch.arange(cfg.eval_samples) % num_classes if num_classes else None
         with torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext():
-            fake = generate(sample_denoiser, (channels, height, width), cfg.eval_samples, sampler="ddim", steps=50, seed=10_000)
+            fake = generate(sample_denoiser, (channels, height, width), cfg.eval_samples, sampler="ddim", steps=50,
+                            seed=10_000, cond=cond, **guidance)
         row = {"step": step, **{f"eval_{k}": v for k, v in evaluator(fake).items()}}
         log_file.write(json.dumps(row) + "\n")
         log_file.flush()
 
     def sample_grid(step: int) -> None:
+        per_row = max(1, cfg.num_samples // num_classes) if num_classes else None  # one row per class
+        cond = torch.arange(num_classes).repeat_interleave(per_row) if num_classes else None
         with torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext():
-            grid = generate(sample_denoiser, (channels, height, width), cfg.num_samples, sampler="ddim",
-                            steps=cfg.sample_steps, seed=0)
-        save_grid(grid, run_dir / "samples" / f"step_{step:07d}.png")
-        save_grid(grid, run_dir / "samples.png")
+            grid = generate(sample_denoiser, (channels, height, width), len(cond) if num_classes else cfg.num_samples,
+                            sampler="ddim", steps=cfg.sample_steps, seed=0, cond=cond, **guidance)
+        save_grid(grid, run_dir / "samples" / f"step_{step:07d}.png", nrow=per_row)
+        save_grid(grid, run_dir / "samples.png", nrow=per_row)
 
     # ---- the loop
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
@@ -218,7 +234,8 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
                 raise DifflabError(f"interrupted after step {step}; checkpoint saved in {path}. "
                                    f"Continue with: difflab train --resume {run_dir}")
             # data: a batch in [-1, 1], optionally mirrored
-            x0 = images[batch_indices(step, cfg.batch_size, n, cfg.seed).to(device)].float() / 127.5 - 1
+            idx = batch_indices(step, cfg.batch_size, n, cfg.seed).to(device)
+            x0 = images[idx].float() / 127.5 - 1
             if hflip:
                 flip = torch.rand(x0.shape[0], generator=noise_gen, device=device) < 0.5
                 x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
@@ -227,9 +244,15 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
             # noise: t ~ U{1..T}, eps ~ N(0, I)   (DDPM Algorithm 1, lines 3-4)
             t = torch.randint(0, schedule.T, (x0.shape[0],), generator=noise_gen, device=device)
             noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+            # labels, a fraction dropped to the null class (Ho & Salimans 2022, Algorithm 1: p_uncond)
+            cond = None
+            if num_classes:
+                cond = labels[idx]
+                drop = torch.rand(cond.shape[0], generator=noise_gen, device=device) < cfg.label_dropout
+                cond = torch.where(drop, num_classes, cond)
             # loss: ||eps - eps_theta(sqrt(abar) x0 + sqrt(1 - abar) eps, t)||^2 and its equivalents
             with autocast:
-                loss = denoising_loss(denoiser, x0, sigmas[t], noise, weighting=weighting).mean()
+                loss = denoising_loss(denoiser, x0, sigmas[t], noise, weighting=weighting, cond=cond).mean()
             # step
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:

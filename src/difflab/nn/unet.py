@@ -141,20 +141,17 @@ class Level(nn.Module):
         self.resample = resample
 
 
-class UNet(nn.Module):
-    """The diffusion U-Net: ``UNet(config)(x, t, class_labels) -> (N, out_channels, H, W)``.
-
-    ``t`` is a float tensor of (possibly non-integer) timesteps, shape (N,) or a scalar. ``class_labels`` is
-    (N,) long or None; with ``num_classes`` set, None (or the label ``num_classes``) means the learned null
-    class that classifier-free guidance uses. See the module doc for the layout and the zero-initialisation.
-    """
+class UNetEncoder(nn.Module):
+    """The U-Net's first half: embedding, ``conv_in``, the down path and the middle. :class:`UNet` adds the up
+    path; :class:`EncoderClassifier` a pooling head. (Both inherit these modules under the same names, so the
+    state-dict keys of a U-Net are the same as if it were written in one class.)"""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
-        emb_dim = 4 * c.base_channels
-        block = dict(emb_dim=emb_dim, dropout=c.dropout, groups=c.groups, scale_shift=c.scale_shift)
-        attn = dict(num_heads=c.num_heads, groups=c.groups)
+        self.emb_dim = emb_dim = 4 * c.base_channels
+        self.block_kwargs = block = dict(emb_dim=emb_dim, dropout=c.dropout, groups=c.groups, scale_shift=c.scale_shift)
+        self.attn_kwargs = attn = dict(num_heads=c.num_heads, groups=c.groups)
         widths = [c.base_channels * m for m in c.channel_mult]
         use_attn = [r in c.attn_resolutions for r in c.resolutions]
 
@@ -163,7 +160,7 @@ class UNet(nn.Module):
         self.class_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes is not None else None
 
         self.conv_in = nn.Conv2d(c.in_channels, c.base_channels, 3, padding=1)
-        skips = [c.base_channels]  # channels of every tensor pushed for the up path, in push order
+        self.skip_channels = skips = [c.base_channels]  # channels of every tensor pushed for the up path
         ch = c.base_channels
         self.down = nn.ModuleList()
         for i, width in enumerate(widths):
@@ -181,22 +178,10 @@ class UNet(nn.Module):
         self.mid_block1 = ResBlock(ch, ch, **block)
         self.mid_attn = Attention(ch, **attn)
         self.mid_block2 = ResBlock(ch, ch, **block)
+        self.bottom_channels = ch
 
-        self.up = nn.ModuleList()
-        for i, width in reversed(list(enumerate(widths))):
-            blocks, attns = [], []
-            for _ in range(c.num_blocks + 1):  # one more than down: the downsample's output is a skip too
-                blocks.append(ResBlock(ch + skips.pop(), width, **block))
-                attns.append(Attention(width, **attn) if use_attn[i] else nn.Identity())
-                ch = width
-            self.up.append(Level(blocks, attns, Upsample(ch) if i > 0 else None))
-        assert not skips, "every skip connection must be consumed"
-
-        self.norm_out = group_norm(ch, c.groups)
-        # Zero: the untrained network outputs exactly 0 (see the module doc).
-        self.conv_out = zero_(nn.Conv2d(ch, c.out_channels or c.in_channels, 3, padding=1))
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """Check the input and return the (N, 4 * base_channels) timestep [+ class] embedding."""
         c = self.config
         n, channels, height, width = x.shape
         if channels != c.in_channels or height % c.downsampling_factor or width % c.downsampling_factor:
@@ -210,7 +195,10 @@ class UNet(nn.Module):
             emb = emb + self.class_embed(class_labels)  # (N, E)
         elif class_labels is not None:
             raise DifflabError("class labels were given to an unconditional U-Net (set num_classes in its config)")
+        return emb
 
+    def encode(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Down path and middle: the bottom feature map and the skip tensors the up path consumes."""
         h = self.conv_in(x)  # (N, base, H, W)
         hs = [h]
         for level in self.down:
@@ -224,7 +212,40 @@ class UNet(nn.Module):
         h = self.mid_block1(h, emb)  # (N, ch, H / f, W / f)
         h = self.mid_attn(h)  # (N, ch, H / f, W / f)
         h = self.mid_block2(h, emb)  # (N, ch, H / f, W / f)
+        return h, hs
 
+
+class UNet(UNetEncoder):
+    """The diffusion U-Net: ``UNet(config)(x, t, class_labels) -> (N, out_channels, H, W)``.
+
+    ``t`` is a float tensor of (possibly non-integer) timesteps, shape (N,) or a scalar. ``class_labels`` is
+    (N,) long or None; with ``num_classes`` set, None (or the label ``num_classes``) means the learned null
+    class that classifier-free guidance uses. See the module doc for the layout and the zero-initialisation.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__(config)
+        c = config
+        widths = [c.base_channels * m for m in c.channel_mult]
+        use_attn = [r in c.attn_resolutions for r in c.resolutions]
+        skips, ch = list(self.skip_channels), self.bottom_channels
+        self.up = nn.ModuleList()
+        for i, width in reversed(list(enumerate(widths))):
+            blocks, attns = [], []
+            for _ in range(c.num_blocks + 1):  # one more than down: the downsample's output is a skip too
+                blocks.append(ResBlock(ch + skips.pop(), width, **self.block_kwargs))
+                attns.append(Attention(width, **self.attn_kwargs) if use_attn[i] else nn.Identity())
+                ch = width
+            self.up.append(Level(blocks, attns, Upsample(ch) if i > 0 else None))
+        assert not skips, "every skip connection must be consumed"
+
+        self.norm_out = group_norm(ch, c.groups)
+        # Zero: the untrained network outputs exactly 0 (see the module doc).
+        self.conv_out = zero_(nn.Conv2d(ch, c.out_channels or c.in_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(x, t, class_labels)  # (N, E)
+        h, hs = self.encode(x, emb)  # (N, ch, H / f, W / f) and the skips
         for level in self.up:
             for block, attn in zip(level.blocks, level.attns):
                 h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))  # (N, width, H_i, W_i)
@@ -233,3 +254,23 @@ class UNet(nn.Module):
 
         return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))  # (N, out_channels, H, W)
 
+
+class EncoderClassifier(UNetEncoder):
+    """A noise-aware classifier (Dhariwal & Nichol 2021, §4.1): the U-Net's encoder half, conditioned on the
+    timestep through the same embedding, with a pooling head: GroupNorm, SiLU, global average pool, linear.
+
+    ``EncoderClassifier(config, num_outputs)(x_t, t) -> (N, num_outputs)`` logits of p(y | x_t, t)."""
+
+    def __init__(self, config: UNetConfig, num_outputs: int):
+        if config.num_classes is not None:
+            raise DifflabError("a noise-aware classifier takes no class labels as input (num_classes must be unset)")
+        super().__init__(config)
+        self.num_outputs = num_outputs
+        self.norm_out = group_norm(self.bottom_channels, config.groups)
+        self.head = nn.Linear(self.bottom_channels, num_outputs)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.embed(x, t, None)  # (N, E)
+        h, _ = self.encode(x, emb)  # (N, ch, H / f, W / f)
+        h = torch.nn.functional.silu(self.norm_out(h)).mean(dim=(2, 3))  # (N, ch)  global average pool
+        return self.head(h)  # (N, num_outputs)
