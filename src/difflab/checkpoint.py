@@ -295,3 +295,15 @@ def latest_valid_checkpoint(run_dir: Path) -> Path | None:
         except Exception as e:
             print(f"warning: skipping damaged checkpoint {checkpoint}: {_first_line(e)}")
     return None
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: Path | str) -> None:
+    """``module.load_state_dict(state)``, strictly, with a one-line error when the weights in ``where`` do not
+    fit the module that its config describes (missing, unexpected or differently shaped tensors)."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        detail = lines[0] if lines else "shapes or names differ"
+        raise DifflabError(f"the weights in {where} do not match the model its config describes "
+                           f"({len(lines)} problem(s), first: {detail[:200]})") from None

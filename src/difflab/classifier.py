@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from difflab.checkpoint import (
     latest_valid_checkpoint,
+    load_state,
     load_training_state,
     load_weights,
     optimizer_from_tensors,
@@ -74,9 +75,7 @@ def load_classifier(path: str | Path, *, device: str | torch.device = "cpu") -> 
     if config.get("format") != CLASSIFIER_FORMAT:
         raise DifflabError(f"'{path}' is not a noise-aware classifier (train one with: difflab train-classifier)")
     net = EncoderClassifier(UNetConfig(**config["encoder"]), len(config["class_names"]))
-    missing, unexpected = net.load_state_dict(load_weights(checkpoint, "model"), strict=False)
-    if missing or unexpected:
-        raise DifflabError(f"weights in {checkpoint} do not match its config.json")
+    load_state(net, load_weights(checkpoint, "model"), checkpoint)
     schedule = make_schedule(config["schedule"]["name"], config["schedule"]["timesteps"])
     return NoisyClassifier(net, schedule, config["class_names"]).to(device).eval()
 
@@ -168,7 +167,7 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
     if resume is not None:
         checkpoint = latest_valid_checkpoint(run_dir)
         if checkpoint is not None:
-            net.load_state_dict(load_weights(checkpoint, "model"))
+            load_state(net, load_weights(checkpoint, "model"), checkpoint)
             tensors, meta = load_training_state(checkpoint)
             optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
             torch.set_rng_state(tensors["rng.torch"])

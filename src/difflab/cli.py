@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
 import time
 import typing
@@ -357,10 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    commands = {"train": run_train, "train-classifier": run_train_classifier, "sample": run_sample,
+                "samplers": run_samplers, "eval": run_eval}
+    rank = os.environ.get("RANK", "0")  # under torchrun only rank 0 talks; the others report their own errors
     try:
-        return {"train": run_train, "train-classifier": run_train_classifier, "sample": run_sample, "samplers": run_samplers, "eval": run_eval}[args.command](args)
+        if rank != "0":
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                return commands[args.command](args)
+        return commands[args.command](args)
     except DifflabError as e:
-        print(f"difflab: error: {e}", file=sys.stderr)
+        if rank == "0" or not e.all_ranks:
+            print(f"difflab: error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("difflab: interrupted", file=sys.stderr)

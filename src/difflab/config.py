@@ -47,6 +47,8 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     grad_clip: float = _opt(1.0, "clip the gradient norm to this value (0 = off)")
     ema_decay: float = _opt(0.999, "decay of the exponential moving average of the weights used for sampling")
+    max_bad_steps: int = _opt(20, "stop (with a checkpoint) after this many non-finite steps in a row; each one is "
+                                  "skipped, counted and logged (0 = never stop)")
     # runtime
     device: str = _opt("auto", "cpu, cuda, cuda:1, ... (auto: cuda if available)")
     compile: bool = _opt(False, "torch.compile the U-Net (GPU; pays off for long runs)")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from difflab.checkpoint import load_weights, read_config, resolve_checkpoint
+from difflab.checkpoint import load_state, load_weights, read_config, resolve_checkpoint
 from difflab.denoisers import Denoiser
 from difflab.errors import DifflabError
 from difflab.guidance import classifier_free_guidance, classifier_guidance, clip_x0, dynamic_threshold
@@ -140,10 +140,7 @@ def load_model(path: str | Path, *, weights: str = "ema", device: str | torch.de
     config = read_config(checkpoint)
     denoiser = build_denoiser(config)
     state = load_weights(checkpoint, weights)
-    missing, unexpected = denoiser.net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise DifflabError(f"weights in {checkpoint} do not match its config.json "
-                           f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    load_state(denoiser.net, state, checkpoint)
     return Model(denoiser.to(resolve_device(device)).eval(), config, checkpoint)
 
 

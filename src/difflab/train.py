@@ -19,8 +19,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from difflab import distributed
 from difflab.checkpoint import (
+    CheckpointWriteError,
     latest_valid_checkpoint,
+    list_checkpoints,
+    load_state,
     load_training_state,
     load_weights,
     optimizer_from_tensors,
@@ -34,7 +38,7 @@ from difflab.denoisers import Denoiser
 from difflab.errors import DifflabError
 from difflab.losses import denoising_loss
 from difflab.nn import UNet, unet_config
-from difflab.pipeline import generate, model_config, resolve_device
+from difflab.pipeline import model_config
 from difflab.schedules import make_schedule
 from difflab.viz import plot_loss, save_grid
 
@@ -113,6 +117,8 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
             raise DifflabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise DifflabError(f"--ema-decay must lie in [0, 1), got {cfg.ema_decay}")
+    if cfg.max_bad_steps < 0:
+        raise DifflabError(f"--max-bad-steps must be 0 (never stop) or more, got {cfg.max_bad_steps}")
     if not 0.0 <= cfg.label_dropout < 1.0:
         raise DifflabError(f"--label-dropout must lie in [0, 1), got {cfg.label_dropout}")
     if "num_classes" in cfg.model:
@@ -120,13 +126,33 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
 
     if cfg.image_size is not None:  # refuse a size the U-Net cannot take before spending time on the data
         unet_config(cfg.preset, image_size=cfg.image_size, in_channels=cfg.channels or 1, **cfg.model)
-    device = resolve_device(cfg.device)
+    # one process, or one of several started by torchrun (DistributedDataParallel; see difflab.distributed)
+    dist_info = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, dist_info, resume=run_dir if resume is not None else None, overwrite=overwrite,
+                      progress=progress and dist_info.is_main)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | None, overwrite: bool,
+           progress: bool) -> Path:
+    device, main, world = dist_info.device, dist_info.is_main, dist_info.world_size
     cuda = device.type == "cuda"
+    if cfg.batch_size % world:
+        raise DifflabError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the {world} "
+                           "processes")
+    shard = slice(*distributed.shard_range(cfg.batch_size, dist_info.rank, world))  # this process's part of a batch
     torch.manual_seed(cfg.seed)
 
-    # ---- data: the whole dataset as uint8 on the device (all supported datasets fit)
+    # ---- data: the whole dataset as uint8 on the device (all supported datasets fit). The main process
+    # loads (and, if needed, downloads) first, so several processes never write the same cache file.
+    if not main:
+        distributed.barrier()
     data = load_dataset(cfg.dataset, image_size=cfg.image_size, channels=cfg.channels, data_dir=cfg.data_dir,
                         progress=progress)
+    if main:
+        distributed.barrier()
     n, channels, height, width = data.images.shape
     if height != width:
         raise DifflabError(f"images must be square for the U-Net, got {height}x{width} (set --image-size)")
@@ -148,23 +174,23 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
     if cuda:
         net = net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).requires_grad_(False)
-    denoiser = Denoiser(torch.compile(net) if cfg.compile else net, schedule, cfg.prediction)
-    sample_denoiser = Denoiser(ema, schedule, cfg.prediction).eval()
-    weighting = cfg.weighting or cfg.prediction
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None)
     mconfig = model_config(ucfg, prediction=cfg.prediction, schedule=cfg.schedule, timesteps=cfg.timesteps,
                            data={"name": data.name, "channels": channels, "image_size": height,
                                  "class_names": data.class_names})
     sigmas = schedule.sigmas.to(device=device, dtype=torch.float32)
+    # every process draws the noise of the whole global batch from the same stream and keeps its slice: the
+    # run is the same whatever the number of processes, and one saved state resumes them all
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
     # ---- run folder, or the state of the run being resumed
     start, skipped = 0, 0
     if resume is not None:
+        run_dir = resume
         checkpoint = latest_valid_checkpoint(run_dir)
         if checkpoint is not None:
-            net.load_state_dict(load_weights(checkpoint, "model"))
-            ema.load_state_dict(load_weights(checkpoint, "ema"))
+            load_state(net, load_weights(checkpoint, "model"), checkpoint)
+            load_state(ema, load_weights(checkpoint, "ema"), checkpoint)
             tensors, meta = load_training_state(checkpoint)
             optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
             torch.set_rng_state(tensors["rng.torch"])
@@ -177,70 +203,102 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
             if cuda and "rng.cuda" in tensors:
                 torch.cuda.set_rng_state(tensors["rng.cuda"], device)
             start, skipped = meta["step"], meta.get("skipped", 0)
-        _truncate_log(run_dir / "log.jsonl", start)
+        if main:
+            _truncate_log(run_dir / "log.jsonl", start)
         if start >= cfg.steps:
-            print(f"{run_dir} has already trained {start} steps (asked for {cfg.steps}); raise --steps to go on")
+            if main:
+                print(f"{run_dir} has already trained {start} steps (asked for {cfg.steps}); raise --steps to go on")
             return run_dir
-    else:
-        run_dir = prepare_run_dir(cfg, overwrite)
-    write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+    else:  # the main process picks (and numbers) the folder; the others learn its name, or its error
+        answer = None
+        if main:
+            try:
+                answer = {"run": str(prepare_run_dir(cfg, overwrite))}
+            except DifflabError as e:
+                answer = {"error": str(e)}
+        answer = distributed.broadcast_object(answer)
+        if "error" in answer:
+            raise DifflabError(answer["error"], all_ranks=True)
+        run_dir = Path(answer["run"])
+    if main:
+        write_json(run_dir / "config.json", dataclasses.asdict(cfg))
 
-    def checkpoint_now(step: int) -> Path:
+    # the network the optimizer trains: wrapped by DDP, which averages gradients over processes in backward()
+    train_net = net
+    if world > 1:
+        train_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
+    denoiser = Denoiser(torch.compile(train_net) if cfg.compile else train_net, schedule, cfg.prediction)
+    sample_denoiser = Denoiser(ema, schedule, cfg.prediction).eval()
+    weighting = cfg.weighting or cfg.prediction
+
+    def checkpoint_now(step: int, *, final: bool = False) -> Path | None:
+        """Write a checkpoint (main process only). A failed write (disk full, ...) is reported and training
+        goes on with the previous checkpoints intact; only the last one of a run must succeed."""
+        if not main:
+            return None
         tensors, opt_meta = optimizer_to_tensors(optimizer)
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.noise"] = noise_gen.get_state()
         if cuda:
             tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-        return save_checkpoint(run_dir, step, model=net, ema=ema, config=mconfig, state_tensors=tensors,
-                               state_json={"optimizer": opt_meta, "skipped": skipped, "noise_device": device.type},
-                               keep=cfg.keep)
+        try:
+            return save_checkpoint(run_dir, step, model=net, ema=ema, config=mconfig, state_tensors=tensors,
+                                   state_json={"optimizer": opt_meta, "skipped": skipped, "noise_device": device.type},
+                                   keep=cfg.keep)
+        except CheckpointWriteError as e:
+            if final:
+                raise
+            tqdm.write(f"warning: {e}; training continues, the newest good checkpoint stays "
+                       f"{(list_checkpoints(run_dir) or [Path('(none yet)')])[-1]}")
+            return None
 
-    evaluator = make_evaluator(cfg, data, device, progress) if cfg.eval_every else None
-
+    evaluator = make_evaluator(cfg, data, device, progress) if cfg.eval_every and main else None
     # conditional models are evaluated and shown class by class, with classifier-free guidance
     guidance = dict(guidance_scale=cfg.guidance_scale) if num_classes else {}
 
-    def evaluate_now(step: int) -> None:
+    def evaluate_now(step: int) -> None:  # every process samples a share of the images; the main one scores them
         cond = torch.arange(cfg.eval_samples) % num_classes if num_classes else None
         with torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext():
-            fake = generate(sample_denoiser, (channels, height, width), cfg.eval_samples, sampler="ddim", steps=50,
-                            seed=10_000, cond=cond, **guidance)
-        row = {"step": step, **{f"eval_{k}": v for k, v in evaluator(fake).items()}}
-        log_file.write(json.dumps(row) + "\n")
-        log_file.flush()
+            fake = distributed.generate_sharded(sample_denoiser, (channels, height, width), cfg.eval_samples,
+                                                sampler="ddim", steps=50, seed=10_000, cond=cond, **guidance)
+        if main:
+            row = {"step": step, **{f"eval_{k}": v for k, v in evaluator(fake).items()}}
+            with open(run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def sample_grid(step: int) -> None:
         per_row = max(1, cfg.num_samples // num_classes) if num_classes else None  # one row per class
         cond = torch.arange(num_classes).repeat_interleave(per_row) if num_classes else None
         with torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext():
-            grid = generate(sample_denoiser, (channels, height, width), len(cond) if num_classes else cfg.num_samples,
-                            sampler="ddim", steps=cfg.sample_steps, seed=0, cond=cond, **guidance)
-        save_grid(grid, run_dir / "samples" / f"step_{step:07d}.png", nrow=per_row)
-        save_grid(grid, run_dir / "samples.png", nrow=per_row)
+            grid = distributed.generate_sharded(sample_denoiser, (channels, height, width),
+                                                len(cond) if num_classes else cfg.num_samples, sampler="ddim",
+                                                steps=cfg.sample_steps, seed=0, cond=cond, **guidance)
+        if main:
+            save_grid(grid, run_dir / "samples" / f"step_{step:07d}.png", nrow=per_row)
+            save_grid(grid, run_dir / "samples.png", nrow=per_row)
+            plot_loss(run_dir / "log.jsonl", run_dir / "loss.png")
 
     # ---- the loop
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
     params, ema_params = list(net.parameters()), list(ema.parameters())
-    log_file = open(run_dir / "log.jsonl", "a")
     bar = tqdm(total=cfg.steps, initial=start, desc=f"training {run_dir.name}", unit="step", disable=not progress,
                dynamic_ncols=True)
-    loss_sum, loss_count, t_last = 0.0, 0, time.perf_counter()
+    loss_sum, loss_count, since_log, bad_in_a_row, t_last = 0.0, 0, 0, 0, time.perf_counter()
+    stop_agreed = False
     net.train()
-    stop = GracefulStop()
+    stop = GracefulStop(quiet=not main)
     try:
         for step in range(start, cfg.steps):
-            if stop.requested:  # Ctrl-C / SIGTERM came during the previous step, which finished: save and stop
+            if stop_agreed:  # Ctrl-C / SIGTERM came during the previous step, which finished: save and stop
                 path = checkpoint_now(step)
                 raise DifflabError(f"interrupted after step {step}; checkpoint saved in {path}. "
-                                   f"Continue with: difflab train --resume {run_dir}")
-            # data: a batch in [-1, 1], optionally mirrored
+                                   f"Continue with: difflab train --resume {run_dir}", all_ranks=True)
+            # data: the global batch in [-1, 1], optionally mirrored; then this process's slice of it
             idx = batch_indices(step, cfg.batch_size, n, cfg.seed).to(device)
             x0 = images[idx].float() / 127.5 - 1
             if hflip:
                 flip = torch.rand(x0.shape[0], generator=noise_gen, device=device) < 0.5
                 x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
-            if cuda:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
             # noise: t ~ U{1..T}, eps ~ N(0, I)   (DDPM Algorithm 1, lines 3-4)
             t = torch.randint(0, schedule.T, (x0.shape[0],), generator=noise_gen, device=device)
             noise = torch.randn(x0.shape, generator=noise_gen, device=device)
@@ -249,55 +307,73 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
             if num_classes:
                 cond = labels[idx]
                 drop = torch.rand(cond.shape[0], generator=noise_gen, device=device) < cfg.label_dropout
-                cond = torch.where(drop, num_classes, cond)
+                cond = torch.where(drop, num_classes, cond)[shard]
+            x0, t, noise = x0[shard], t[shard], noise[shard]
+            if cuda:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
             # loss: ||eps - eps_theta(sqrt(abar) x0 + sqrt(1 - abar) eps, t)||^2 and its equivalents
             with autocast:
                 loss = denoising_loss(denoiser, x0, sigmas[t], noise, weighting=weighting, cond=cond).mean()
-            # step
-            lr = learning_rate(step, cfg)
+            # step: the learning-rate schedule and the EMA count optimizer updates, not batches seen
+            updates = step - skipped
+            lr = learning_rate(updates, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # under DDP the gradients arrive averaged over all processes
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                skipped += 1  # a non-finite step changes nothing: no update, no EMA
-                continue
-            optimizer.step()
-            # EMA of the weights, with a warm-up so short runs are not dominated by the initialisation
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():  # outside autograd, or every step would extend the graph
-                torch._foreach_lerp_(ema_params, params, 1 - decay)
-            # log
-            loss_sum += loss.item()
-            loss_count += 1
+            # one small all-reduce per step: the mean loss, and whether any process was asked to stop
+            shared = distributed.all_reduce_(torch.stack([loss.detach().float(), grad_norm.float(),
+                                                          torch.tensor(float(stop.requested), device=device)]), "sum")
+            mean_loss, grad_norm, stop_agreed = shared[0] / world, shared[1] / world, bool(shared[2] > 0)
             done = step + 1
+            if torch.isfinite(mean_loss) and torch.isfinite(grad_norm):
+                optimizer.step()
+                # EMA of the weights, with a warm-up so short runs are not dominated by the initialisation
+                decay = min(cfg.ema_decay, (1 + updates) / (10 + updates))
+                with torch.no_grad():  # outside autograd, or every step would extend the graph
+                    torch._foreach_lerp_(ema_params, params, 1 - decay)
+                loss_sum += float(mean_loss)
+                loss_count += 1
+                bad_in_a_row = 0
+            else:  # a non-finite step changes nothing: no update, no EMA, no schedule step; counted and logged
+                skipped += 1
+                bad_in_a_row += 1
+                if main:
+                    tqdm.write(f"warning: step {done}: non-finite loss or gradient, step skipped "
+                               f"({bad_in_a_row} in a row, {skipped} in all)")
+                if cfg.max_bad_steps and bad_in_a_row >= cfg.max_bad_steps:
+                    path = checkpoint_now(done)
+                    raise DifflabError(
+                        f"{bad_in_a_row} non-finite steps in a row (up to step {done}): training diverged. The weights "
+                        f"were not touched by those steps{f' and are saved in {path}' if path else ''}; resume with a "
+                        f"lower --lr or --grad-clip: difflab train --resume {run_dir} --lr {cfg.lr / 10:g}", all_ranks=True)
             bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            since_log += 1
+            # log (main process only)
+            if main and (done % cfg.log_every == 0 or done == cfg.steps):
                 now = time.perf_counter()
-                row = {"step": done, "loss": loss_sum / max(1, loss_count), "lr": lr, "grad_norm": float(grad_norm),
-                       "img_per_s": loss_count * cfg.batch_size / (now - t_last), "skipped": skipped}
-                log_file.write(json.dumps(row) + "\n")
-                log_file.flush()
-                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
-                loss_sum, loss_count, t_last = 0.0, 0, now
+                row = {"step": done, "loss": loss_sum / loss_count if loss_count else None, "lr": lr,
+                       "grad_norm": float(grad_norm), "img_per_s": since_log * cfg.batch_size / (now - t_last),
+                       "skipped": skipped}
+                with open(run_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if loss_count:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+                loss_sum, loss_count, since_log, t_last = 0.0, 0, 0, now
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                 evaluate_now(done)
             if cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps:
                 sample_grid(done)
-                plot_loss(run_dir / "log.jsonl", run_dir / "loss.png")
             if done % cfg.checkpoint_every == 0 and done != cfg.steps:
                 checkpoint_now(done)
     finally:
         stop.restore()
         bar.close()
-        log_file.close()
-    checkpoint_now(cfg.steps)
-    if evaluator is not None:
-        with open(run_dir / "log.jsonl", "a") as log_file:
-            evaluate_now(cfg.steps)
+    checkpoint_now(cfg.steps, final=True)
+    if cfg.eval_every:
+        evaluate_now(cfg.steps)
     sample_grid(cfg.steps)
-    plot_loss(run_dir / "log.jsonl", run_dir / "loss.png")
     return run_dir
 
 
@@ -324,11 +400,11 @@ class GracefulStop:
     """The first Ctrl-C (or SIGTERM) asks the loop to finish its step, checkpoint and stop; a second one
     interrupts at once."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         import signal
         import threading
 
-        self.requested = False
+        self.requested, self.quiet = False, quiet
         self._old = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -338,7 +414,8 @@ class GracefulStop:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step and saving a checkpoint (press Ctrl-C again to quit at once)")
+        if not self.quiet:
+            print("\nstopping after this step and saving a checkpoint (press Ctrl-C again to quit at once)")
 
     def restore(self):
         import signal

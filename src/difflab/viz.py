@@ -54,7 +54,7 @@ def plot_loss(log_path: str | Path, out_path: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     all_rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    rows = [r for r in all_rows if "loss" in r]
+    rows = [r for r in all_rows if r.get("loss") is not None]  # None: every step of that interval was skipped
     evals = [r for r in all_rows if any(k.startswith("eval_") for k in r)]
     if not rows:
         return None

@@ -1,0 +1,204 @@
+"""Training that never loses work: failed and damaged checkpoints, non-finite steps, interrupts, bad input,
+and several processes (torchrun, gloo on CPU) training exactly like one."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import difflab
+from difflab.checkpoint import list_checkpoints
+from difflab.cli import main
+from difflab.errors import DifflabError
+
+train_module = importlib.import_module("difflab.train")
+TINY = dict(progress=False, batch_size=16, log_every=1, sample_every=0, num_samples=2, sample_steps=1, warmup=2,
+            model={"base_channels": 16})
+
+
+def _weights(checkpoint: Path, which: str = "model") -> dict:
+    return load_file(checkpoint / f"{which}.safetensors")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_failed_checkpoint_write_is_reported_and_training_continues(tmp_path, monkeypatch, capsys):
+    import difflab.checkpoint as ckpt
+
+    original, calls = ckpt.save_file, {"n": 0}
+
+    def flaky(tensors, path, *args, **kwargs):  # the 2nd checkpoint (step 4) dies half-way: disk full
+        calls["n"] += 1
+        if calls["n"] == 5:  # model, ema, state of step 2, then model of step 4 ... fails on its ema file
+            Path(path).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        return original(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", flaky)
+    run = difflab.train(steps=6, checkpoint_every=2, keep=5, out=str(tmp_path), name="r", **TINY)
+    out = capsys.readouterr().out
+    assert "No space left on device" in out and "training continues" in out, out
+    assert [c.name for c in list_checkpoints(run)] == ["step_0000002", "step_0000006"]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4, 5, 6]  # every step trained and logged
+
+
+def test_damaged_newest_checkpoint_is_skipped_and_resume_stays_exact(tmp_path, capsys):
+    straight = difflab.train(steps=9, checkpoint_every=3, out=str(tmp_path), name="straight", **TINY)
+    run = difflab.train(steps=6, checkpoint_every=3, out=str(tmp_path), name="broken", **TINY)
+    newest = run / "checkpoints" / "step_0000006" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # a crash mid-copy, bit rot, ...
+    difflab.train(resume=run, steps=9, progress=False)
+    assert "skipping damaged checkpoint" in capsys.readouterr().out
+    final = "checkpoints/step_0000009"
+    assert _same(_weights(straight / final), _weights(run / final))  # resumed from step 3: still bit-identical
+    assert _same(_weights(straight / final, "ema"), _weights(run / final, "ema"))
+
+
+def _inject_nan(monkeypatch, bad_calls: set[int]):
+    original, calls = train_module.denoising_loss, {"n": 0}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        out = original(*args, **kwargs)
+        return out * float("nan") if calls["n"] in bad_calls else out
+
+    monkeypatch.setattr(train_module, "denoising_loss", loss)
+
+
+def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path, monkeypatch, capsys):
+    _inject_nan(monkeypatch, {3, 4})
+    run = difflab.train(steps=6, checkpoint_every=1, keep=10, out=str(tmp_path), name="nan", **TINY)
+    rows = _rows(run)
+    assert [r["skipped"] for r in rows] == [0, 0, 1, 2, 2, 2]
+    assert rows[2]["loss"] is None and rows[4]["loss"] is not None
+    out = capsys.readouterr().out
+    assert "step 3: non-finite" in out and "step 4: non-finite" in out
+    ckpts = run / "checkpoints"
+    # the skipped steps changed nothing: weights, EMA and optimizer state after step 4 equal those after step 2
+    for which in ("model", "ema", "state"):
+        a, b = _weights(ckpts / "step_0000002", which), _weights(ckpts / "step_0000004", which)
+        if which == "state":
+            a = {k: v for k, v in a.items() if k.startswith("optimizer.")}
+            b = {k: v for k, v in b.items() if k.startswith("optimizer.")}
+        assert _same(a, b), which
+    assert not _same(_weights(ckpts / "step_0000004"), _weights(ckpts / "step_0000005"))
+    assert json.loads((ckpts / "step_0000004" / "state.json").read_text())["skipped"] == 2
+
+
+def test_k_non_finite_steps_in_a_row_stop_the_run_with_a_good_checkpoint(tmp_path, monkeypatch):
+    _inject_nan(monkeypatch, set(range(4, 100)))
+    with pytest.raises(DifflabError, match="3 non-finite steps in a row") as err:
+        difflab.train(steps=50, max_bad_steps=3, checkpoint_every=100, out=str(tmp_path), name="div", **TINY)
+    assert "--resume" in str(err.value)
+    run = tmp_path / "div"
+    (checkpoint,) = list_checkpoints(run)
+    assert checkpoint.name == "step_0000006"
+    weights = _weights(checkpoint)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    monkeypatch.undo()
+    difflab.train(resume=run, steps=8, lr=1e-4, progress=False)  # a lower rate is allowed on resume
+    assert [c.name for c in list_checkpoints(run)][-1] == "step_0000008"
+
+
+def test_sigint_saves_a_resumable_checkpoint(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "difflab", "train", "--steps", "100000", "--batch-size", "8", "--out", str(tmp_path),
+           "--name", "int", "--sample-every", "0", "--log-every", "1", "--checkpoint-every", "100000", "--quiet",
+           "--num-samples", "2", "--sample-steps", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = tmp_path / "int" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (out, err)
+    assert "interrupted after step" in err and "difflab train --resume" in err, err
+    (checkpoint,) = list_checkpoints(tmp_path / "int")
+    step = int(checkpoint.name.split("_")[1])
+    assert step >= 3
+    run = difflab.train(resume=tmp_path / "int", steps=step + 2, progress=False)
+    assert list_checkpoints(run)[-1].name == f"step_{step + 2:07d}"
+
+
+def test_bad_input_is_one_line_and_never_overwrites(tmp_path, capsys):
+    def one_line(argv, *fragments):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("difflab: error:") and "Traceback" not in err, err
+        for fragment in fragments:
+            assert fragment in err, err
+
+    run = difflab.train(steps=2, out=str(tmp_path), name="keep", **TINY)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    one_line(["train", "--out", str(tmp_path), "--name", "keep", "--steps", "3"], "already exists")
+    one_line(["train", "--resume", str(run), "--channels", "3"], "channels")
+    one_line(["train", "--ema-decay", "1.5", "--out", str(tmp_path)], "--ema-decay")
+    one_line(["train", "--max-bad-steps", "-1", "--out", str(tmp_path)], "--max-bad-steps")
+    one_line(["train", "--label-dropout", "2", "--out", str(tmp_path)], "--label-dropout")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing of the run was touched
+    # a checkpoint whose config does not match its weights
+    config = run / "checkpoints" / "step_0000002" / "config.json"
+    data = json.loads(config.read_text())
+    data["unet"]["base_channels"] = 32
+    config.write_text(json.dumps(data))
+    one_line(["sample", str(run)], "do not match")
+    # a pickle offered as a checkpoint
+    bad = tmp_path / "model.ckpt"
+    torch.save({"w": torch.zeros(1)}, bad)
+    one_line(["sample", str(bad)], "pickle")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_train_like_one(tmp_path):
+    """2 ranks x 8 images = 1 process x 16 images: the same update (up to float summation order); only rank 0
+    writes (one run folder, each log row once); interrupt-free run ends with a checkpoint."""
+    args = ["train", "--steps", "4", "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path), "--sample-every",
+            "0", "--num-samples", "4", "--sample-steps", "2", "--log-every", "1", "--checkpoint-every", "2",
+            "--warmup", "2", "--quiet", "--conditional"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port()), "-m", "difflab"]
+    done = subprocess.run(torchrun + args + ["--name", "ddp"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+    assert [r["step"] for r in _rows(tmp_path / "ddp")] == [1, 2, 3, 4]
+    assert done.stdout.count("done in") == 1  # only rank 0 talks
+    single = difflab.train(steps=4, batch_size=16, device="cpu", out=str(tmp_path / "single"), sample_every=0,
+                           num_samples=4, sample_steps=2, log_every=1, checkpoint_every=2, warmup=2, progress=False,
+                           conditional=True)
+    # Float sums in another order differ in the last bits; Adam divides each gradient by its own running RMS, so
+    # for a few entries whose gradient is ~0 (zero-initialised output biases) that noise becomes a visible
+    # fraction of one learning-rate step (2e-3). Everything else agrees to float32 precision.
+    for which in ("model", "ema"):
+        a = _weights(tmp_path / "ddp" / "checkpoints" / "step_0000004", which)
+        b = _weights(single / "checkpoints" / "step_0000004", which)
+        assert a.keys() == b.keys()
+        diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+        assert diff.max() < 2e-4 and (diff > 1e-5).float().mean() < 1e-3, (which, diff.max(), (diff > 1e-5).sum())
+    losses = [r["loss"] for r in _rows(tmp_path / "ddp")], [r["loss"] for r in _rows(single)]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4, atol=1e-6)
+    assert (tmp_path / "ddp" / "samples.png").is_file()
