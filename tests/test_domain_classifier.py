@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from difflab.data import to_model_range
 from difflab.errors import DifflabError
-from difflab.metrics.domain import (DOMAIN_EXTRACTORS, DomainExtractor, load_domain_extractor,
+from difflab.metrics.domain import (DOMAIN_EXTRACTORS, load_domain_extractor,
                                     load_domain_split)
 from difflab.nn.classifier import ClassifierConfig, SmallClassifier
 

@@ -114,7 +114,7 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
                      overwrite: bool = False, progress: bool = True, **overrides) -> Path:
     """Train a noise-aware classifier; returns its run folder (config.json, log.jsonl, accuracy.json with the
     held-out accuracy at each noise level, accuracy.png, checkpoints/). ``resume`` continues a run exactly."""
-    from difflab.train import GracefulStop, batch_indices, learning_rate, prepare_run_dir
+    from difflab.runs import GracefulStop, batch_indices, learning_rate, prepare_run_dir, truncate_log
     from difflab.pipeline import resolve_device
 
     if resume is not None:
@@ -189,9 +189,7 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
     log_path = run_dir / "log.jsonl"
     if resume is not None and log_path.is_file():
-        from difflab.train import _truncate_log
-
-        _truncate_log(log_path, start)
+        truncate_log(log_path, start)
     log_file = open(log_path, "a")
     bar = tqdm(total=cfg.steps, initial=start, desc=f"training {run_dir.name}", unit="step", disable=not progress, dynamic_ncols=True)
     loss_sum, correct, seen, t_last = 0.0, 0, 0, time.perf_counter()

@@ -1,0 +1,96 @@
+"""What training loops share: run folders, a stateless data order, the log, and graceful interruption.
+Used by :mod:`difflab.train` (diffusion models) and :mod:`difflab.classifier` (noise-aware classifiers)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from difflab.errors import DifflabError
+
+
+def prepare_run_dir(cfg, overwrite: bool, suffix: str = "") -> Path:
+    """A fresh run folder. A default name (the dataset's, plus ``suffix``) is numbered when taken; an explicit
+    one is never overwritten unless asked, so no earlier run is lost."""
+    out = Path(cfg.out)
+    base = cfg.name or (Path(cfg.dataset.rstrip("/")).name or "run") + suffix
+    run = out / base
+    if run.exists() and any(run.iterdir()):
+        if overwrite:
+            import shutil
+
+            shutil.rmtree(run)
+        elif cfg.name is None:
+            k = 2
+            while (out / f"{base}-{k}").exists():
+                k += 1
+            run = out / f"{base}-{k}"
+        else:
+            raise DifflabError(f"run folder '{run}' already exists: use --resume {run} to continue it, "
+                               "--overwrite to replace it, or another --name")
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """The dataset indices of a step: epochs are seeded permutations, so the order is a pure function
+    of the step and resuming needs no data-loader state."""
+    start, stop = step * batch_size, (step + 1) * batch_size
+    epochs = range(start // n, (stop - 1) // n + 1)
+    order = torch.cat([_epoch_permutation(e, n, seed) for e in epochs])
+    offset = start - epochs[0] * n
+    return order[offset: offset + batch_size]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(epoch: int, n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def learning_rate(step: int, cfg) -> float:
+    """Linear warm-up to the peak rate, then constant (as in DDPM)."""
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+class GracefulStop:
+    """The first Ctrl-C (or SIGTERM) asks the loop to finish its step, checkpoint and stop; a second one
+    interrupts at once."""
+
+    def __init__(self, quiet: bool = False):
+        import signal
+        import threading
+
+        self.requested, self.quiet = False, quiet
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if not self.quiet:
+            print("\nstopping after this step and saving a checkpoint (press Ctrl-C again to quit at once)")
+
+    def restore(self):
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log rows written after the checkpoint (they will be written again)."""
+    if path.is_file():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+        path.write_text("".join(r + "\n" for r in kept))
