@@ -13,8 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import difflab
@@ -202,3 +204,41 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     losses = [r["loss"] for r in _rows(tmp_path / "ddp")], [r["loss"] for r in _rows(single)]
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4, atol=1e-6)
     assert (tmp_path / "ddp" / "samples.png").is_file()
+    # sharded sampling: 2 ranks x ~2.5 images = exactly the 5 images one process makes, each once
+    sample = ["sample", str(tmp_path / "ddp"), "--class", "3", "-n", "5", "--steps", "3", "--sampler", "ddpm",
+              "--individual", "--quiet", "--device", "cpu"]
+    done = subprocess.run(torchrun[:-4] + ["--master_port", str(_free_port()), "-m", "difflab"] + sample
+                          + ["--out", str(tmp_path / "sharded")], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(sample + ["--out", str(tmp_path / "one")]) == 0
+    sharded = sorted((tmp_path / "sharded").glob("*_0000*.png"))
+    one = sorted((tmp_path / "one").glob("*_0000*.png"))
+    assert [p.name for p in sharded] == [p.name for p in one] and len(one) == 5
+    pixels = [np.asarray(Image.open(p)) for p in sharded]
+    assert all(np.array_equal(a, np.asarray(Image.open(b))) for a, b in zip(pixels, one))
+    assert len({a.tobytes() for a in pixels}) == 5  # no duplicates
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_checkpoint(tmp_path):
+    """Ctrl-C in a terminal reaches the launcher and every worker (one process group); the launcher forwards it
+    again. All ranks must agree on the step, rank 0 saves once and says how to resume, and it resumes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "difflab", "train", "--steps", "100000", "--batch-size", "16",
+           "--device", "cpu", "--out", str(tmp_path), "--name", "int", "--sample-every", "0", "--log-every", "1",
+           "--checkpoint-every", "100000", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    log = tmp_path / "int" / "log.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    messages = [line for line in (out + err).splitlines() if line.startswith("difflab: error")]
+    assert len(messages) == 1 and "interrupted after step" in messages[0] and "--resume" in messages[0], out + err
+    (checkpoint,) = list_checkpoints(tmp_path / "int")
+    step = int(checkpoint.name.split("_")[1])
+    assert f"step {step};" in messages[0]
+    run = difflab.train(resume=tmp_path / "int", steps=step + 1, progress=False, device="cpu")
+    assert list_checkpoints(run)[-1].name == f"step_{step + 1:07d}"

@@ -264,13 +264,24 @@ def run_train_classifier(args: argparse.Namespace) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    from difflab import distributed
+
+    info = distributed.setup(args.device)  # under torchrun: every process samples a share, rank 0 writes
+    try:
+        return _sample(args, info)
+    finally:
+        distributed.teardown()
+
+
+def _sample(args: argparse.Namespace, info) -> int:
     import torch
 
+    from difflab import distributed
     from difflab.pipeline import generate, load_model
     from difflab.viz import save_grid, to_pil
 
     options = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k) is not None}
-    model = load_model(args.model, weights=args.weights, device=args.device)
+    model = load_model(args.model, weights=args.weights, device=info.device)
     guidance, per_row, cond = _guidance_options(args, model)
     num = args.num if args.num is not None else (8 if cond is not None else 64)
     if num < 1:
@@ -278,12 +289,15 @@ def run_sample(args: argparse.Namespace) -> int:
     if cond is not None:
         cond, per_row = cond.repeat_interleave(num), num  # one row per class
     stats: dict = {}
+    sample_fn = distributed.generate_sharded if info.distributed else generate
     with torch.autocast("cuda", torch.bfloat16) if model.device.type == "cuda" else torch.autocast("cpu", enabled=False):
-        images = generate(model.denoiser, model.image_shape, len(cond) if cond is not None else num, sampler=args.sampler,
-                          steps=args.steps, spacing=args.spacing, rho=args.rho, seed=args.seed, batch_size=args.batch_size,
-                          clip=not args.no_clip, threshold=args.threshold, progress=not args.quiet, stats=stats, cond=cond,
-                          **guidance, **options)
+        images = sample_fn(model.denoiser, model.image_shape, len(cond) if cond is not None else num, sampler=args.sampler,
+                           steps=args.steps, spacing=args.spacing, rho=args.rho, seed=args.seed, batch_size=args.batch_size,
+                           clip=not args.no_clip, threshold=args.threshold, progress=not args.quiet and info.is_main,
+                           stats=stats, cond=cond, **guidance, **options)
     num = len(images)
+    if not info.is_main:
+        return 0
     run_dir = model.checkpoint.parent.parent if model.checkpoint.parent.name == "checkpoints" else model.checkpoint
     out = Path(args.out) if args.out else run_dir / "generated"
     out.mkdir(parents=True, exist_ok=True)

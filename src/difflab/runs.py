@@ -57,22 +57,28 @@ def learning_rate(step: int, cfg) -> float:
 
 class GracefulStop:
     """The first Ctrl-C (or SIGTERM) asks the loop to finish its step, checkpoint and stop; a second one
-    interrupts at once."""
+    interrupts at once. Signals within ``grace`` seconds of the first count as the same request: a Ctrl-C under
+    torchrun reaches each worker twice (from the terminal, then forwarded by the launcher) in milliseconds,
+    while a person pressing Ctrl-C again takes longer."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, grace: float = 1.0):
         import signal
         import threading
 
-        self.requested, self.quiet = False, quiet
+        self.requested, self.quiet, self.grace, self._first = False, quiet, grace, 0.0
         self._old = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        import time
+
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            if time.monotonic() - self._first > self.grace:
+                raise KeyboardInterrupt
+            return
+        self.requested, self._first = True, time.monotonic()
         if not self.quiet:
             print("\nstopping after this step and saving a checkpoint (press Ctrl-C again to quit at once)")
 
