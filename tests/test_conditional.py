@@ -190,3 +190,25 @@ def test_cli_guidance(cond_run, clf_run, tmp_path, capsys):
     _one_line_error(capsys, ["sample", str(uncond), "--classifier", str(uncond)], "not a noise-aware classifier")
     _one_line_error(capsys, ["train-classifier", "--dataset", str(tmp_path / "none"), "--out", str(tmp_path)], "none")
     _one_line_error(capsys, ["train-classifier", "--holdout", "1.5", "--out", str(tmp_path)], "holdout")
+
+
+def test_classifier_resume_edge_cases(clf_run, tmp_path, capsys):
+    before = sorted(p.name for p in (clf_run / "checkpoints").iterdir())
+    assert difflab.train_classifier(resume=clf_run, steps=100, progress=False) == clf_run  # already has 300
+    assert sorted(p.name for p in (clf_run / "checkpoints").iterdir()) == before
+    assert json.loads((clf_run / "config.json").read_text())["steps"] == 300
+    with pytest.raises(DifflabError, match="cannot change image_size"):
+        difflab.train_classifier(resume=clf_run, steps=400, image_size=16, progress=False)
+    plain = difflab.train(steps=1, out=str(tmp_path), name="plain", progress=False, batch_size=4, sample_every=0,
+                          num_samples=1, sample_steps=1, model={"base_channels": 16})
+    with pytest.raises(DifflabError, match="not a classifier run"):
+        difflab.train_classifier(resume=plain, steps=5, progress=False)
+
+
+def test_guidance_flag_edge_cases(cond_run, capsys):
+    _one_line_error(capsys, ["sample", str(cond_run), "--class", ""], "empty class")
+    _one_line_error(capsys, ["sample", str(cond_run), "--class", "\u00b2"], "unknown class")
+    _one_line_error(capsys, ["sample", str(cond_run), "--guidance-scale", "nan"], "finite")
+    _one_line_error(capsys, ["sample", str(cond_run), "--classifier-scale", "2"], "--classifier")
+    with pytest.raises(DifflabError, match="guidance-scale"):
+        difflab.train(steps=1, conditional=True, guidance_scale=-1.0, progress=False, out="/nonexistent")

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from difflab.checkpoint import (
+    CheckpointWriteError,
     latest_valid_checkpoint,
     load_state,
     load_training_state,
@@ -74,9 +75,12 @@ def load_classifier(path: str | Path, *, device: str | torch.device = "cpu") -> 
     config = read_config(checkpoint)
     if config.get("format") != CLASSIFIER_FORMAT:
         raise DifflabError(f"'{path}' is not a noise-aware classifier (train one with: difflab train-classifier)")
-    net = EncoderClassifier(UNetConfig(**config["encoder"]), len(config["class_names"]))
+    try:
+        net = EncoderClassifier(UNetConfig(**config["encoder"]), len(config["class_names"]))
+        schedule = make_schedule(config["schedule"]["name"], config["schedule"]["timesteps"])
+    except (KeyError, TypeError) as e:
+        raise DifflabError(f"classifier config in {checkpoint} is incomplete or has unknown fields: {e}") from None
     load_state(net, load_weights(checkpoint, "model"), checkpoint)
-    schedule = make_schedule(config["schedule"]["name"], config["schedule"]["timesteps"])
     return NoisyClassifier(net, schedule, config["class_names"]).to(device).eval()
 
 
@@ -121,10 +125,13 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
         run_dir = Path(resume)
         if not (run_dir / "config.json").is_file():
             raise DifflabError(f"cannot resume: '{run_dir}' is not a run folder (no config.json)")
-        saved = make_config(json.loads((run_dir / "config.json").read_text()), config_class=ClassifierTrainConfig)
+        stored = json.loads((run_dir / "config.json").read_text())
+        if "holdout" not in stored:
+            raise DifflabError(f"'{run_dir}' is not a classifier run (resume a diffusion run with: difflab train --resume)")
+        saved = make_config(stored, config_class=ClassifierTrainConfig)
         changeable = ("steps", "device", "log_every", "checkpoint_every", "keep")
         changed = sorted(k for k, v in overrides.items() if k not in changeable and v is not None
-                         and getattr(saved, k, v) != v and k not in ("image_size", "channels", "hflip"))
+                         and getattr(saved, k, v) != v)
         if changed:
             raise DifflabError(f"cannot change {', '.join(changed)} when resuming (only {', '.join(changeable)})")
         cfg = dataclasses.replace(saved, **{k: v for k, v in overrides.items() if k in changeable})
@@ -170,20 +177,28 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
             load_state(net, load_weights(checkpoint, "model"), checkpoint)
             tensors, meta = load_training_state(checkpoint)
             optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
-            torch.set_rng_state(tensors["rng.torch"])
             if meta.get("noise_device", "cpu") == device.type:
                 noise_gen.set_state(tensors["rng.noise"])
             start = meta["step"]
+        if start >= cfg.steps:
+            print(f"{run_dir} has already trained {start} steps (asked for {cfg.steps}); raise --steps to go on")
+            return run_dir
     else:
         run_dir = prepare_run_dir(cfg, overwrite, suffix="-classifier")
     write_json(run_dir / "config.json", dataclasses.asdict(cfg))
 
     def checkpoint_now(step: int) -> Path:
         tensors, opt_meta = optimizer_to_tensors(optimizer)
-        tensors["rng.torch"], tensors["rng.noise"] = torch.get_rng_state(), noise_gen.get_state()
+        tensors["rng.noise"] = noise_gen.get_state()
         # the classifier keeps no EMA: its "ema" file holds the same weights, so every checkpoint has one layout
-        return save_checkpoint(run_dir, step, model=net, ema=net, config=config_json, state_tensors=tensors,
-                               state_json={"optimizer": opt_meta, "noise_device": device.type}, keep=cfg.keep)
+        try:
+            return save_checkpoint(run_dir, step, model=net, ema=net, config=config_json, state_tensors=tensors,
+                                   state_json={"optimizer": opt_meta, "noise_device": device.type}, keep=cfg.keep)
+        except CheckpointWriteError as e:
+            if step == cfg.steps:
+                raise
+            tqdm.write(f"warning: {e}; training continues")
+            return None
 
     # ---- the loop: x_t ~ q(x_t | x_0) at t ~ U{0..T-1}, cross-entropy of p(y | x_t, t)
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
@@ -199,8 +214,10 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
         for step in range(start, cfg.steps):
             if stop.requested:
                 path = checkpoint_now(step)
-                raise DifflabError(f"interrupted after step {step}; checkpoint saved in {path}. "
-                                   f"Continue with: difflab train-classifier --resume {run_dir}")
+                raise DifflabError(f"interrupted after step {step}; " + (
+                    f"checkpoint saved in {path}. Continue with: difflab train-classifier --resume {run_dir}"
+                    if path else "the checkpoint could not be written"))
+            torch.manual_seed((cfg.seed * 1_000_003 + step) * 65_536)  # dropout, if any: a pure function of the step
             idx = train_idx[batch_indices(step, cfg.batch_size, len(train_idx), cfg.seed).to(device)]
             x0, y = images[idx].float() / 127.5 - 1, labels[idx]
             if hflip:
@@ -217,18 +234,19 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                continue
-            optimizer.step()
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
             done = step + 1
+            if torch.isfinite(loss) and torch.isfinite(grad_norm):
+                optimizer.step()
+                loss_sum += loss.item() * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+            else:
+                tqdm.write(f"warning: step {done}: non-finite loss or gradient, step skipped")
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.steps:
                 now = time.perf_counter()
-                row = {"step": done, "loss": loss_sum / seen, "train_accuracy": correct / seen, "lr": lr,
-                       "img_per_s": seen / (now - t_last)}
+                row = {"step": done, "loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
+                       "lr": lr, "img_per_s": seen / (now - t_last)}
                 log_file.write(json.dumps(row) + "\n")
                 log_file.flush()
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_accuracy']:.2f}")

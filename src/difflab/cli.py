@@ -327,28 +327,34 @@ def _guidance_options(args: argparse.Namespace, model):
 
     from difflab.pipeline import parse_classes
 
+    classes = "all" if args.classes is None else args.classes
     if args.classifier:
         from difflab.classifier import load_classifier
 
-        if args.guidance_scale is not None:
-            raise DifflabError("use either classifier-free guidance (--guidance-scale) or a --classifier, not both")
+        if args.guidance_scale is not None or args.guidance_rescale:
+            raise DifflabError("use either classifier-free guidance (--guidance-scale, --guidance-rescale) or a "
+                               "--classifier, not both")
         classifier = load_classifier(args.classifier, device=model.device)
         if model.num_classes is not None:
             raise DifflabError("--classifier guides an unconditional model; this one is class-conditional "
                                "(use --guidance-scale)")
-        labels = parse_classes(args.classes or "all", classifier.class_names, len(classifier.class_names))
+        labels = parse_classes(classes, classifier.class_names, len(classifier.class_names))
         return {"classifier": classifier, "classifier_scale": args.classifier_scale}, None, torch.tensor(labels)
+    if args.classifier_scale != 1.0:
+        raise DifflabError("--classifier-scale applies only with --classifier")
     if model.num_classes is None:
-        if args.classes or args.guidance_scale is not None:
+        if args.classes is not None or args.guidance_scale is not None:
             raise DifflabError("this model is unconditional: --class and --guidance-scale need a model trained with "
                                "--conditional (or classifier guidance: --classifier RUN)")
         if args.guidance_rescale:
             raise DifflabError("--guidance-rescale applies only with classifier-free guidance")
         return {}, None, None
-    if args.classifier_scale != 1.0:
-        raise DifflabError("--classifier-scale applies only with --classifier")
-    labels = parse_classes(args.classes or "all", model.class_names, model.num_classes)
-    scale = args.guidance_scale if args.guidance_scale is not None else 3.0
+    labels = parse_classes(classes, model.class_names, model.num_classes)
+    trained_unconditional = model.config.get("label_dropout", 0.1) > 0
+    scale = args.guidance_scale if args.guidance_scale is not None else (3.0 if trained_unconditional else 1.0)
+    if scale != 1.0 and not trained_unconditional:
+        print("warning: this model was trained without label dropout, so its null class is untrained; guidance "
+              "scales other than 1 extrapolate from noise", file=sys.stderr)
     return {"guidance_scale": scale, "guidance_rescale": args.guidance_rescale}, None, torch.tensor(labels)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from difflab.denoisers import DenoiserFn
@@ -56,9 +58,11 @@ def classifier_free_guidance(denoiser: DenoiserFn, scale: float, *, null_label: 
     call on a batch of 2N. ``rescale`` in [0, 1] is guidance rescale (Lin et al. 2024, "Common Diffusion Noise
     Schedules and Sample Steps are Flawed", §3.4 eq. 15-16): the guided x0 is rescaled to the per-image standard
     deviation of the conditional x0, then mixed with the plain guided x0 in proportion ``rescale``; it curbs the
-    over-saturation of large scales. Without labels (``cond=None``) the denoiser runs unconditionally."""
-    if scale < 0:
-        raise DifflabError(f"the guidance scale must be >= 0, got {scale}")
+    over-saturation of large scales. Unlike the linear guidance step, the rescale depends on the space it acts in:
+    here it acts on the x0 estimate (what it is meant to protect: the image's contrast), where the paper and
+    diffusers apply it to the network output (v or eps), which contains x as well. Without labels (``cond=None``) the denoiser runs unconditionally."""
+    if not (math.isfinite(scale) and scale >= 0):
+        raise DifflabError(f"the guidance scale must be a finite number >= 0, got {scale}")
     if not 0.0 <= rescale <= 1.0:
         raise DifflabError(f"guidance rescale must lie in [0, 1], got {rescale}")
 
@@ -104,8 +108,8 @@ def classifier_guidance(denoiser: DenoiserFn, classifier, scale: float = 1.0) ->
     denoiser (see :class:`difflab.classifier.NoisyClassifier`) and be differentiable in ``x``. The inner
     denoiser is called without a condition. With the exact log p(y | x) and ``scale=1`` the result is the
     exact class-conditional denoiser."""
-    if scale < 0:
-        raise DifflabError(f"the classifier guidance scale must be >= 0, got {scale}")
+    if not (math.isfinite(scale) and scale >= 0):
+        raise DifflabError(f"the classifier guidance scale must be a finite number >= 0, got {scale}")
 
     def guided(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         x0 = denoiser(x, sigma, None)

@@ -101,11 +101,13 @@ def parse_classes(spec: str | int | list | None, class_names: list[str] | None, 
     items = spec if isinstance(spec, (list, tuple)) else [spec] if isinstance(spec, int) else str(spec).split(",")
     labels = []
     for item in (str(i).strip().lower() for i in items):
+        if not item:
+            raise DifflabError("an empty class name: give a class index, a name, a comma list or 'all'")
         if item == "all":
             labels.extend(range(num_classes))
         elif item in names:  # a name first: a folder class called "3" need not be class index 3
             labels.append(names.index(item))
-        elif item.lstrip("-").isdigit() and 0 <= int(item) < num_classes:
+        elif item.isascii() and item.isdigit() and int(item) < num_classes:
             labels.append(int(item))
         else:
             raise DifflabError(f"unknown class '{item}' (the model's classes: "

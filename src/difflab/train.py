@@ -76,6 +76,10 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
         raise DifflabError(f"--ema-decay must lie in [0, 1), got {cfg.ema_decay}")
     if cfg.max_bad_steps < 0:
         raise DifflabError(f"--max-bad-steps must be 0 (never stop) or more, got {cfg.max_bad_steps}")
+    if not (math.isfinite(cfg.guidance_scale) and cfg.guidance_scale >= 0):
+        raise DifflabError(f"--guidance-scale must be a finite number >= 0, got {cfg.guidance_scale}")
+    if cfg.eval_every and cfg.eval_samples < 2:
+        raise DifflabError(f"--eval-samples must be at least 2 (thousands for a meaningful FID), got {cfg.eval_samples}")
     if not 0.0 <= cfg.label_dropout < 1.0:
         raise DifflabError(f"--label-dropout must lie in [0, 1), got {cfg.label_dropout}")
     if "num_classes" in cfg.model:
@@ -135,6 +139,8 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
     mconfig = model_config(ucfg, prediction=cfg.prediction, schedule=cfg.schedule, timesteps=cfg.timesteps,
                            data={"name": data.name, "channels": channels, "image_size": height,
                                  "class_names": data.class_names})
+    if num_classes:
+        mconfig["label_dropout"] = cfg.label_dropout  # 0: the null class never trained, guidance makes no sense
     sigmas = schedule.sigmas.to(device=device, dtype=torch.float32)
     # every process draws the noise of the whole global batch from the same stream and keeps its slice: the
     # run is the same whatever the number of processes, and one saved state resumes them all
@@ -150,15 +156,12 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
             load_state(ema, load_weights(checkpoint, "ema"), checkpoint)
             tensors, meta = load_training_state(checkpoint)
             optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
-            torch.set_rng_state(tensors["rng.torch"])
             if meta.get("noise_device", "cpu") == device.type:
                 noise_gen.set_state(tensors["rng.noise"])
             else:  # a CPU generator state does not fit a CUDA generator: continue with a fresh stream
                 print(f"warning: the run trained on {meta.get('noise_device')} and resumes on {device.type}: "
                       "training continues correctly but not bit-identically to an uninterrupted run")
                 noise_gen.manual_seed(cfg.seed + 1 + meta["step"])
-            if cuda and "rng.cuda" in tensors:
-                torch.cuda.set_rng_state(tensors["rng.cuda"], device)
             start, skipped = meta["step"], meta.get("skipped", 0)
         if main:
             truncate_log(run_dir / "log.jsonl", start)
@@ -188,40 +191,64 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
     sample_denoiser = Denoiser(ema, schedule, cfg.prediction).eval()
     weighting = cfg.weighting or cfg.prediction
 
+    def on_main(what: str, fn) -> None:
+        """Side effects of the main process only (log rows, grids, plots, metrics). They must never end a run
+        (a full disk, a metric that cannot be computed from too few samples): warn and train on."""
+        if main:
+            try:
+                fn()
+            except (OSError, DifflabError) as e:
+                tqdm.write(f"warning: {what} failed: {e}; training continues")
+
+    def log_row(row: dict) -> None:
+        with open(run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    saved = {"step": start if resume is not None else None}
+
     def checkpoint_now(step: int, *, final: bool = False) -> Path | None:
         """Write a checkpoint (main process only). A failed write (disk full, ...) is reported and training
-        goes on with the previous checkpoints intact; only the last one of a run must succeed."""
-        if not main:
-            return None
-        tensors, opt_meta = optimizer_to_tensors(optimizer)
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.noise"] = noise_gen.get_state()
-        if cuda:
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-        try:
-            return save_checkpoint(run_dir, step, model=net, ema=ema, config=mconfig, state_tensors=tensors,
-                                   state_json={"optimizer": opt_meta, "skipped": skipped, "noise_device": device.type},
-                                   keep=cfg.keep)
-        except CheckpointWriteError as e:
-            if final:
-                raise
-            tqdm.write(f"warning: {e}; training continues, the newest good checkpoint stays "
-                       f"{(list_checkpoints(run_dir) or [Path('(none yet)')])[-1]}")
-            return None
+        goes on with the previous checkpoints intact; only the last one of a run must succeed, and then every
+        process learns of the failure, so none waits for the others."""
+        if world > 1:  # DDP keeps the copies identical; check it (a float64 checksum per process, max - min)
+            with torch.no_grad():
+                total = torch.stack([torch.cat([p.flatten() for p in group]).double().sum() for group in (params, ema_params)])
+            spread = (distributed.all_reduce_(total.clone(), "max") - distributed.all_reduce_(total.clone(), "min")).abs()
+            on_main("writing the log", lambda: log_row({"step": step, "rank_weight_spread": float(spread.max())}))
+            if main and spread.max() > 0:
+                    tqdm.write(f"warning: the {world} processes hold different weights at step {step} "
+                               f"(checksum spread {float(spread.max()):.3g}); this should not happen under DDP")
+        path, error = None, None
+        if main:
+            tensors, opt_meta = optimizer_to_tensors(optimizer)
+            tensors["rng.noise"] = noise_gen.get_state()
+            try:
+                path = save_checkpoint(run_dir, step, model=net, ema=ema, config=mconfig, state_tensors=tensors,
+                                       state_json={"optimizer": opt_meta, "skipped": skipped, "noise_device": device.type},
+                                       keep=cfg.keep)
+                saved["step"] = step
+            except CheckpointWriteError as e:
+                error = str(e)
+                if not final:
+                    tqdm.write(f"warning: {e}; training continues, the newest good checkpoint stays "
+                               f"{(list_checkpoints(run_dir) or [Path('(none yet)')])[-1]}")
+        if final:
+            error = distributed.broadcast_object(error)
+            if error:
+                raise DifflabError(f"training finished but its final checkpoint failed: {error}", all_ranks=True)
+        return path
 
     evaluator = make_evaluator(cfg, data, device, progress) if cfg.eval_every and main else None
     # conditional models are evaluated and shown class by class, with classifier-free guidance
-    guidance = dict(guidance_scale=cfg.guidance_scale) if num_classes else {}
+    # (a model trained without label dropout has an untrained null class: its grids are plain conditional)
+    guidance = dict(guidance_scale=cfg.guidance_scale if cfg.label_dropout > 0 else 1.0) if num_classes else {}
 
     def evaluate_now(step: int) -> None:  # every process samples a share of the images; the main one scores them
         cond = torch.arange(cfg.eval_samples) % num_classes if num_classes else None
         with torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext():
             fake = distributed.generate_sharded(sample_denoiser, (channels, height, width), cfg.eval_samples,
                                                 sampler="ddim", steps=50, seed=10_000, cond=cond, **guidance)
-        if main:
-            row = {"step": step, **{f"eval_{k}": v for k, v in evaluator(fake).items()}}
-            with open(run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        on_main("evaluation", lambda: log_row({"step": step, **{f"eval_{k}": v for k, v in evaluator(fake).items()}}))
 
     def sample_grid(step: int) -> None:
         per_row = max(1, cfg.num_samples // num_classes) if num_classes else None  # one row per class
@@ -230,10 +257,12 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
             grid = distributed.generate_sharded(sample_denoiser, (channels, height, width),
                                                 len(cond) if num_classes else cfg.num_samples, sampler="ddim",
                                                 steps=cfg.sample_steps, seed=0, cond=cond, **guidance)
-        if main:
+        def draw() -> None:
             save_grid(grid, run_dir / "samples" / f"step_{step:07d}.png", nrow=per_row)
             save_grid(grid, run_dir / "samples.png", nrow=per_row)
             plot_loss(run_dir / "log.jsonl", run_dir / "loss.png")
+
+        on_main("drawing the sample grid", draw)
 
     # ---- the loop
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
@@ -247,9 +276,15 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
     try:
         for step in range(start, cfg.steps):
             if stop_agreed:  # Ctrl-C / SIGTERM came during the previous step, which finished: save and stop
-                path = checkpoint_now(step)
-                raise DifflabError(f"interrupted after step {step}; checkpoint saved in {path}. "
-                                   f"Continue with: difflab train --resume {run_dir}", all_ranks=True)
+                if saved["step"] != step:
+                    checkpoint_now(step)
+                newest = (list_checkpoints(run_dir) or [None])[-1]
+                raise DifflabError(f"interrupted after step {step}; "
+                                   + (f"newest checkpoint: {newest}. Continue with: difflab train --resume {run_dir}"
+                                      if newest else "no checkpoint could be written"), all_ranks=True)
+            # dropout draws from the global generator: seeded per step (and process), so resuming needs no
+            # generator state and the processes of a DDP run drop different units
+            torch.manual_seed((cfg.seed * 1_000_003 + step) * 65_536 + dist_info.rank)
             # data: the global batch in [-1, 1], optionally mirrored; then this process's slice of it
             idx = batch_indices(step, cfg.batch_size, n, cfg.seed).to(device)
             x0 = images[idx].float() / 127.5 - 1
@@ -313,8 +348,7 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
                 row = {"step": done, "loss": loss_sum / loss_count if loss_count else None, "lr": lr,
                        "grad_norm": float(grad_norm), "img_per_s": since_log * cfg.batch_size / (now - t_last),
                        "skipped": skipped}
-                with open(run_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                on_main("writing the log", lambda: log_row(row))
                 if loss_count:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
                 loss_sum, loss_count, since_log, t_last = 0.0, 0, 0, now
