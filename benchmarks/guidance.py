@@ -34,8 +34,12 @@ from difflab.viz import save_grid
 
 
 def get_run(path: Path, fn, **kwargs) -> Path:
-    if (path / "checkpoints").is_dir():
+    """Reuse a finished run of these settings (its final checkpoint exists), resume an unfinished one."""
+    steps = kwargs["steps"]
+    if (path / "checkpoints" / f"step_{steps:07d}").is_dir():
         return path
+    if (path / "config.json").is_file():
+        return fn(resume=path, progress=False, steps=steps)
     return fn(out=str(path.parent), name=path.name, progress=False, **kwargs)
 
 
@@ -47,6 +51,7 @@ def main() -> None:
     p.add_argument("--classifier-steps", type=int, default=2000)
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--ddpm-steps", type=int, default=250, help="ancestral steps for classifier guidance with DDPM")
     p.add_argument("--cfg-scales", default="0,0.5,1,2,3,5")
     p.add_argument("--clf-scales", default="0,1,2,4,8")
     p.add_argument("--device", default="auto")
@@ -88,7 +93,7 @@ def main() -> None:
         print(format_row(rows[-1]), flush=True)
     uncond_model = difflab.load_model(uncond_run, device=args.device)
     classifier = difflab.load_classifier(clf_run, device=uncond_model.device)
-    for sampler, steps in (("ddim", args.sample_steps), ("ddpm", 1000 if args.sample_steps >= 50 else args.sample_steps * 4)):
+    for sampler, steps in (("ddim", args.sample_steps), ("ddpm", args.ddpm_steps)):
         for s in [float(x) for x in args.clf_scales.split(",")]:
             started = time.perf_counter()
             images = difflab.sample(uncond_model, args.per_class, classes="all", classifier=classifier,

@@ -232,6 +232,15 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     pixels = [np.asarray(Image.open(p)) for p in sharded]
     assert all(np.array_equal(a, np.asarray(Image.open(b))) for a, b in zip(pixels, one))
     assert len({a.tobytes() for a in pixels}) == 5  # no duplicates
+    # evaluation with on-the-fly sampling, shared by 2 ranks: the same numbers as one process
+    evaluation = ["eval", "--real", "digits", "--fake", str(tmp_path / "ddp"), "-n", "30", "--steps", "3", "--quiet",
+                  "--metrics", "fid,pr", "--device", "cpu"]
+    done = subprocess.run(torchrun[:-4] + ["--master_port", str(_free_port()), "-m", "difflab"] + evaluation
+                          + ["--json", str(tmp_path / "ddp.json")], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(evaluation + ["--json", str(tmp_path / "one.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("ddp.json", "one.json"))
+    assert abs(a["fid"] - b["fid"]) < 1e-5 * b["fid"] and abs(a["precision"] - b["precision"]) < 0.05, (a, b)
 
 
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_checkpoint(tmp_path):

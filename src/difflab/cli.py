@@ -20,9 +20,11 @@ EPILOG_TRAIN = """examples:
   difflab train --config run.yaml --lr 1e-4      # flags override the file
   difflab train --resume runs/digits --steps 10000
   difflab train --conditional                    # class-conditional (label dropout 0.1): one row per class in samples.png
+  torchrun --nproc_per_node 4 -m difflab train --dataset cifar10 --preset ddpm-cifar10   # 4 GPUs, global batch split
 
 every run folder holds config.json, log.jsonl, loss.png, samples.png (+ samples/step_*.png) and
-checkpoints/step_*/ (safetensors weights + EMA + JSON config + optimizer state)."""
+checkpoints/step_*/ (safetensors weights + EMA + JSON config + optimizer state). The first Ctrl-C saves a
+checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row stop the run with a checkpoint."""
 
 EPILOG_SAMPLE = """examples:
   difflab sample runs/digits                               # DDIM, 50 steps, 64 images -> runs/digits/generated/
@@ -167,6 +169,7 @@ EPILOG_EVAL = """examples:
   difflab eval --real cifar10 --fake ./generated --features inception --metrics fid,kid,is
   difflab eval --real fashion-mnist --fake fashion-mnist:test        # real vs real: the floor of each metric
   difflab eval --real cifar10 --fake runs/c10 --save-reference c10.safetensors   # later: --real c10.safetensors
+  torchrun --nproc_per_node 4 -m difflab eval --real cifar10 --fake runs/c10 -n 50000   # sampling shared by 4 GPUs
 
 --features inception is the standard FID network (the 2015-12-05 weights the papers use); the shipped
 domain classifiers (digits, fashion-mnist) work offline but their numbers are comparable only to each other."""
@@ -199,13 +202,20 @@ def add_eval_parser(sub) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import json
 
+    from difflab import distributed
     from difflab.evaluation import evaluate, format_table, parse_metrics
 
-    options = {"eta": args.eta} if args.eta is not None else {}
-    result = evaluate(args.real, args.fake, metrics=parse_metrics(args.metrics), features=args.features, n=args.num,
-                      inception_weights=args.inception_weights, device=args.device, data_dir=args.data_dir,
-                      split=args.split, save_reference=args.save_reference, progress=not args.quiet,
-                      sampler=args.sampler, steps=args.steps, spacing=args.spacing, seed=args.seed, **options)
+    info = distributed.setup(args.device)  # under torchrun the images are sampled in shares, rank 0 measures
+    try:
+        options = {"eta": args.eta} if args.eta is not None else {}
+        result = evaluate(args.real, args.fake, metrics=parse_metrics(args.metrics), features=args.features, n=args.num,
+                          inception_weights=args.inception_weights, device=str(info.device), data_dir=args.data_dir,
+                          split=args.split, save_reference=args.save_reference, progress=not args.quiet,
+                          sampler=args.sampler, steps=args.steps, spacing=args.spacing, seed=args.seed, **options)
+    finally:
+        distributed.teardown()
+    if not result:
+        return 0
     print(format_table(result))
     text = json.dumps(result, indent=2, default=str)
     if args.json:

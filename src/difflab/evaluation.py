@@ -65,12 +65,15 @@ def load_fake_images(source: str, *, n: int, progress: bool = True, device: str 
     """Generated images in [-1, 1]: sampled from a run/checkpoint (with the sampler options), or read from
     a folder. Returns the images and a dict describing where they came from."""
     if is_run(source):
+        from difflab import distributed
         from difflab.pipeline import generate, load_model
 
         model = load_model(source, device=device)
         stats: dict = {}
+        sample_fn = distributed.generate_sharded if distributed.is_distributed() else generate  # under torchrun
         with torch.autocast("cuda", torch.bfloat16, enabled=model.device.type == "cuda"):
-            images = generate(model.denoiser, model.image_shape, n, progress=progress, stats=stats, **sample_options)
+            images = sample_fn(model.denoiser, model.image_shape, n, progress=progress and distributed.is_main(),
+                               stats=stats, **sample_options)
         return images.cpu(), {"run": str(source), "dataset": model.config["data"]["name"], "nfe": stats["nfe"],
                               **{k: v for k, v in sample_options.items() if v is not None}}
     images, name = load_real_images(source, n=n, image_size=None, channels=None, progress=progress)
@@ -100,6 +103,10 @@ def evaluate(real: str, fake: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS
     features = features or default_features(dataset)
     extractor = get_extractor(features, device=str(device), inception_weights=inception_weights)
     fake_images, fake_info = load_fake_images(fake, n=n, progress=progress, device=str(device), **sample_options)
+    from difflab import distributed
+
+    if not distributed.is_main():  # under torchrun the processes shared the sampling; rank 0 measures
+        return {}
     if ref is not None:
         if ref.extractor_name != extractor.name:
             raise DifflabError(f"reference {real} was computed with '{ref.extractor_name}', not '{extractor.name}'")
