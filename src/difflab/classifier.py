@@ -179,6 +179,10 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
             optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
             if meta.get("noise_device", "cpu") == device.type:
                 noise_gen.set_state(tensors["rng.noise"])
+            else:  # a generator state of one device type does not fit another: a fresh stream
+                print(f"warning: the run trained on {meta.get('noise_device')} and resumes on {device.type}: "
+                      "training continues correctly but not bit-identically to an uninterrupted run")
+                noise_gen.manual_seed(cfg.seed + 1 + meta["step"])
             start = meta["step"]
         if start >= cfg.steps:
             print(f"{run_dir} has already trained {start} steps (asked for {cfg.steps}); raise --steps to go on")
