@@ -226,12 +226,12 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
                 path = save_checkpoint(run_dir, step, model=net, ema=ema, config=mconfig, state_tensors=tensors,
                                        state_json={"optimizer": opt_meta, "skipped": skipped, "noise_device": device.type},
                                        keep=cfg.keep)
-                saved["step"] = step
             except CheckpointWriteError as e:
                 error = str(e)
                 if not final:
                     tqdm.write(f"warning: {e}; training continues, the newest good checkpoint stays "
                                f"{(list_checkpoints(run_dir) or [Path('(none yet)')])[-1]}")
+        saved["step"] = step  # on every rank (success or not), so all agree whether the step still needs one
         if final:
             error = distributed.broadcast_object(error)
             if error:
