@@ -267,3 +267,14 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_checkpoint(tmp_path):
     assert f"step {step};" in messages[0]
     run = difflab.train(resume=tmp_path / "int", steps=step + 1, progress=False, device="cpu")
     assert list_checkpoints(run)[-1].name == f"step_{step + 1:07d}"
+
+
+def test_large_seeds_and_broken_log_lines_do_not_end_a_run(tmp_path, capsys):
+    run = difflab.train(steps=2, seed=2**31 - 1, out=str(tmp_path), name="seed", **{**TINY, "sample_every": 1})
+    assert list_checkpoints(run)[-1].name == "step_0000002"
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a row cut short by a full disk
+    difflab.train(resume=run, steps=4, progress=False)
+    assert list_checkpoints(run)[-1].name == "step_0000004" and (run / "loss.png").is_file()
+    with pytest.raises(DifflabError, match="--seed"):
+        difflab.train(steps=1, seed=-1, out=str(tmp_path), **TINY)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -118,7 +119,7 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
                      overwrite: bool = False, progress: bool = True, **overrides) -> Path:
     """Train a noise-aware classifier; returns its run folder (config.json, log.jsonl, accuracy.json with the
     held-out accuracy at each noise level, accuracy.png, checkpoints/). ``resume`` continues a run exactly."""
-    from difflab.runs import GracefulStop, batch_indices, learning_rate, prepare_run_dir, truncate_log
+    from difflab.runs import GracefulStop, batch_indices, learning_rate, prepare_run_dir, step_seed, truncate_log
     from difflab.pipeline import resolve_device
 
     if resume is not None:
@@ -141,6 +142,10 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
     for name in ("steps", "batch_size", "timesteps", "log_every", "checkpoint_every"):
         if getattr(cfg, name) < 1:
             raise DifflabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DifflabError("train-classifier runs in one process: start it without torchrun")
+    if not 0 <= cfg.seed < 2**62:
+        raise DifflabError(f"--seed must lie in [0, 2^62), got {cfg.seed}")
     if not 0.0 < cfg.holdout < 1.0:
         raise DifflabError(f"--holdout must lie in (0, 1), got {cfg.holdout}")
     device = resolve_device(cfg.device)
@@ -221,7 +226,7 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
                 raise DifflabError(f"interrupted after step {step}; " + (
                     f"checkpoint saved in {path}. Continue with: difflab train-classifier --resume {run_dir}"
                     if path else "the checkpoint could not be written"))
-            torch.manual_seed((cfg.seed * 1_000_003 + step) * 65_536)  # dropout, if any: a pure function of the step
+            torch.manual_seed(step_seed(cfg.seed, step))  # dropout, if any: a pure function of the step
             idx = train_idx[batch_indices(step, cfg.batch_size, len(train_idx), cfg.seed).to(device)]
             x0, y = images[idx].float() / 127.5 - 1, labels[idx]
             if hflip:

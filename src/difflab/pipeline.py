@@ -130,6 +130,8 @@ def guide(denoiser, *, guidance_scale: float | None = None, guidance_rescale: fl
     if guidance_scale is not None:
         if num_classes is None:
             raise DifflabError("classifier-free guidance needs a class-conditional model (train it with --conditional)")
+        if guidance_scale == 1.0 and not guidance_rescale:  # exactly the conditional model: no unconditional half
+            return denoiser
         return classifier_free_guidance(denoiser, guidance_scale, null_label=num_classes, rescale=guidance_rescale)
     if guidance_rescale:
         raise DifflabError("guidance rescale applies only with classifier-free guidance (set a guidance scale)")

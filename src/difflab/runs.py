@@ -50,6 +50,12 @@ def _epoch_permutation(epoch: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of the global generator (dropout) at one training step of one process: a pure function, so a
+    resumed run draws what an uninterrupted one would, and processes draw differently."""
+    return ((seed * 1_000_003 + step) * 65_536 + rank) % 2**63
+
+
 def learning_rate(step: int, cfg) -> float:
     """Linear warm-up to the peak rate, then constant (as in DDPM)."""
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))

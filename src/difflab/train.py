@@ -38,7 +38,7 @@ from difflab.errors import DifflabError
 from difflab.losses import denoising_loss
 from difflab.nn import UNet, unet_config
 from difflab.pipeline import model_config
-from difflab.runs import GracefulStop, batch_indices, learning_rate, prepare_run_dir, truncate_log
+from difflab.runs import GracefulStop, batch_indices, learning_rate, prepare_run_dir, step_seed, truncate_log
 from difflab.schedules import make_schedule
 from difflab.viz import plot_loss, save_grid
 
@@ -74,6 +74,8 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
             raise DifflabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise DifflabError(f"--ema-decay must lie in [0, 1), got {cfg.ema_decay}")
+    if not 0 <= cfg.seed < 2**62:
+        raise DifflabError(f"--seed must lie in [0, 2^62), got {cfg.seed}")
     if cfg.max_bad_steps < 0:
         raise DifflabError(f"--max-bad-steps must be 0 (never stop) or more, got {cfg.max_bad_steps}")
     if not (math.isfinite(cfg.guidance_scale) and cfg.guidance_scale >= 0):
@@ -108,12 +110,21 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
 
     # ---- data: the whole dataset as uint8 on the device (all supported datasets fit). The main process
     # loads (and, if needed, downloads) first, so several processes never write the same cache file.
-    if not main:
-        distributed.barrier()
-    data = load_dataset(cfg.dataset, image_size=cfg.image_size, channels=cfg.channels, data_dir=cfg.data_dir,
-                        progress=progress)
+    def load():
+        return load_dataset(cfg.dataset, image_size=cfg.image_size, channels=cfg.channels, data_dir=cfg.data_dir,
+                            progress=progress)
+
+    data, error = None, None
     if main:
-        distributed.barrier()
+        try:
+            data = load()
+        except DifflabError as e:
+            error = str(e)
+    error = distributed.broadcast_object(error)  # also the barrier: the others load once the main one is done
+    if error:
+        raise DifflabError(error, all_ranks=True)
+    if data is None:
+        data = load()
     n, channels, height, width = data.images.shape
     if height != width:
         raise DifflabError(f"images must be square for the U-Net, got {height}x{width} (set --image-size)")
@@ -142,8 +153,8 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
     if num_classes:
         mconfig["label_dropout"] = cfg.label_dropout  # 0: the null class never trained, guidance makes no sense
     sigmas = schedule.sigmas.to(device=device, dtype=torch.float32)
-    # every process draws the noise of the whole global batch from the same stream and keeps its slice: the
-    # run is the same whatever the number of processes, and one saved state resumes them all
+    # every process draws the noise of the whole global batch from the same stream and keeps its slice: without
+    # dropout the run is the same whatever the number of processes, and one saved state resumes them all
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
     # ---- run folder, or the state of the run being resumed
@@ -197,8 +208,8 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
         if main:
             try:
                 fn()
-            except (OSError, DifflabError) as e:
-                tqdm.write(f"warning: {what} failed: {e}; training continues")
+            except Exception as e:  # no collective runs in here, so the other processes are not left waiting
+                tqdm.write(f"warning: {what} failed: {type(e).__name__}: {e}; training continues")
 
     def log_row(row: dict) -> None:
         with open(run_dir / "log.jsonl", "a") as f:
@@ -238,7 +249,8 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
                 raise DifflabError(f"training finished but its final checkpoint failed: {error}", all_ranks=True)
         return path
 
-    evaluator = make_evaluator(cfg, data, device, progress) if cfg.eval_every and main else None
+    # built on every process, so a bad extractor name or missing weights stop all of them alike
+    evaluator = make_evaluator(cfg, data, device, progress) if cfg.eval_every else None
     # conditional models are evaluated and shown class by class, with classifier-free guidance
     # (a model trained without label dropout has an untrained null class: its grids are plain conditional)
     guidance = dict(guidance_scale=cfg.guidance_scale if cfg.label_dropout > 0 else 1.0) if num_classes else {}
@@ -284,7 +296,7 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
                                       if newest else "no checkpoint could be written"), all_ranks=True)
             # dropout draws from the global generator: seeded per step (and process), so resuming needs no
             # generator state and the processes of a DDP run drop different units
-            torch.manual_seed((cfg.seed * 1_000_003 + step) * 65_536 + dist_info.rank)
+            torch.manual_seed(step_seed(cfg.seed, step, dist_info.rank))
             # data: the global batch in [-1, 1], optionally mirrored; then this process's slice of it
             idx = batch_indices(step, cfg.batch_size, n, cfg.seed).to(device)
             x0 = images[idx].float() / 127.5 - 1
@@ -352,6 +364,8 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
                 if loss_count:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
                 loss_sum, loss_count, since_log, t_last = 0.0, 0, 0, now
+            if stop_agreed:  # a Ctrl-C during this step: straight to the checkpoint, no evaluation or grid first
+                continue
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                 evaluate_now(done)
             if cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps:

@@ -53,7 +53,12 @@ def plot_loss(log_path: str | Path, out_path: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    all_rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    all_rows = []
+    for line in Path(log_path).read_text().splitlines():
+        try:
+            all_rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short (a crash, a full disk)
+            continue
     rows = [r for r in all_rows if r.get("loss") is not None]  # None: every step of that interval was skipped
     evals = [r for r in all_rows if any(k.startswith("eval_") for k in r)]
     if not rows:
@@ -71,7 +76,7 @@ def plot_loss(log_path: str | Path, out_path: str | Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
-    keys = [k for k in ("eval_fid", "eval_kid_mean", "eval_precision", "eval_is_mean") if evals and k in evals[0]]
+    keys = [k for k in ("eval_fid", "eval_kid_mean", "eval_precision", "eval_is_mean") if evals and all(k in r for r in evals)]
     if keys:  # the first sample-quality metric logged during training, on a second axis
         key = keys[0]
         ax2 = ax.twinx()
