@@ -119,7 +119,15 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
                      overwrite: bool = False, progress: bool = True, **overrides) -> Path:
     """Train a noise-aware classifier; returns its run folder (config.json, log.jsonl, accuracy.json with the
     held-out accuracy at each noise level, accuracy.png, checkpoints/). ``resume`` continues a run exactly."""
-    from difflab.runs import GracefulStop, batch_indices, learning_rate, prepare_run_dir, step_seed, truncate_log
+    from difflab.runs import (
+        GracefulStop,
+        batch_indices,
+        learning_rate,
+        prepare_run_dir,
+        restore_noise_generator,
+        step_seed,
+        truncate_log,
+    )
     from difflab.pipeline import resolve_device
 
     if resume is not None:
@@ -182,12 +190,7 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
             load_state(net, load_weights(checkpoint, "model"), checkpoint)
             tensors, meta = load_training_state(checkpoint)
             optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
-            if meta.get("noise_device", "cpu") == device.type:
-                noise_gen.set_state(tensors["rng.noise"])
-            else:  # a generator state of one device type does not fit another: a fresh stream
-                print(f"warning: the run trained on {meta.get('noise_device')} and resumes on {device.type}: "
-                      "training continues correctly but not bit-identically to an uninterrupted run")
-                noise_gen.manual_seed(cfg.seed + 1 + meta["step"])
+            restore_noise_generator(noise_gen, tensors, meta, cfg.seed)
             start = meta["step"]
         if start >= cfg.steps:
             print(f"{run_dir} has already trained {start} steps (asked for {cfg.steps}); raise --steps to go on")

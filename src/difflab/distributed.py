@@ -189,6 +189,22 @@ def broadcast_object(obj, src: int = 0):
     return json.loads(bytes(data.cpu().tolist()).decode())
 
 
+def main_first(fn, *, error_prefix: str = ""):
+    """Run ``fn`` on the main process only, then let the others go on (a barrier). If it raises a
+    :class:`DifflabError` there, every process raises it (printed once, by rank 0), so none is left waiting at
+    its next collective. Returns ``fn()``'s result on the main process and None on the others."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except DifflabError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise DifflabError(error_prefix + error, all_ranks=True)
+    return result
+
+
 def barrier() -> None:
     """Wait until every process gets here."""
     if not is_distributed():

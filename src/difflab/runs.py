@@ -56,6 +56,18 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return ((seed * 1_000_003 + step) * 65_536 + rank) % 2**63
 
 
+def restore_noise_generator(gen: torch.Generator, tensors: dict, meta: dict, seed: int) -> None:
+    """Put back the training noise stream saved in a checkpoint (``rng.noise``, written on ``noise_device``).
+    A generator state of one device type does not fit another: then the stream restarts from a seed of the
+    step, which trains correctly but not bit-identically to an uninterrupted run (said in a warning)."""
+    if meta.get("noise_device", "cpu") == gen.device.type:
+        gen.set_state(tensors["rng.noise"])
+    else:
+        print(f"warning: the run trained on {meta.get('noise_device')} and resumes on {gen.device.type}: "
+              "training continues correctly but not bit-identically to an uninterrupted run")
+        gen.manual_seed(seed + 1 + meta["step"])
+
+
 def learning_rate(step: int, cfg) -> float:
     """Linear warm-up to the peak rate, then constant (as in DDPM)."""
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))

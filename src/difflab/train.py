@@ -38,7 +38,15 @@ from difflab.errors import DifflabError
 from difflab.losses import denoising_loss
 from difflab.nn import UNet, unet_config
 from difflab.pipeline import model_config
-from difflab.runs import GracefulStop, batch_indices, learning_rate, prepare_run_dir, step_seed, truncate_log
+from difflab.runs import (
+    GracefulStop,
+    batch_indices,
+    learning_rate,
+    prepare_run_dir,
+    restore_noise_generator,
+    step_seed,
+    truncate_log,
+)
 from difflab.schedules import make_schedule
 from difflab.viz import plot_loss, save_grid
 
@@ -114,16 +122,8 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
         return load_dataset(cfg.dataset, image_size=cfg.image_size, channels=cfg.channels, data_dir=cfg.data_dir,
                             progress=progress)
 
-    data, error = None, None
-    if main:
-        try:
-            data = load()
-        except DifflabError as e:
-            error = str(e)
-    error = distributed.broadcast_object(error)  # also the barrier: the others load once the main one is done
-    if error:
-        raise DifflabError(error, all_ranks=True)
-    if data is None:
+    data = distributed.main_first(load)
+    if data is None:  # the other processes, once the main one is done
         data = load()
     n, channels, height, width = data.images.shape
     if height != width:
@@ -167,12 +167,7 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
             load_state(ema, load_weights(checkpoint, "ema"), checkpoint)
             tensors, meta = load_training_state(checkpoint)
             optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
-            if meta.get("noise_device", "cpu") == device.type:
-                noise_gen.set_state(tensors["rng.noise"])
-            else:  # a CPU generator state does not fit a CUDA generator: continue with a fresh stream
-                print(f"warning: the run trained on {meta.get('noise_device')} and resumes on {device.type}: "
-                      "training continues correctly but not bit-identically to an uninterrupted run")
-                noise_gen.manual_seed(cfg.seed + 1 + meta["step"])
+            restore_noise_generator(noise_gen, tensors, meta, cfg.seed)
             start, skipped = meta["step"], meta.get("skipped", 0)
         if main:
             truncate_log(run_dir / "log.jsonl", start)
@@ -181,16 +176,7 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
                 print(f"{run_dir} has already trained {start} steps (asked for {cfg.steps}); raise --steps to go on")
             return run_dir
     else:  # the main process picks (and numbers) the folder; the others learn its name, or its error
-        answer = None
-        if main:
-            try:
-                answer = {"run": str(prepare_run_dir(cfg, overwrite))}
-            except DifflabError as e:
-                answer = {"error": str(e)}
-        answer = distributed.broadcast_object(answer)
-        if "error" in answer:
-            raise DifflabError(answer["error"], all_ranks=True)
-        run_dir = Path(answer["run"])
+        run_dir = Path(distributed.broadcast_object(distributed.main_first(lambda: str(prepare_run_dir(cfg, overwrite)))))
     if main:
         write_json(run_dir / "config.json", dataclasses.asdict(cfg))
 
@@ -227,30 +213,30 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
             spread = (distributed.all_reduce_(total.clone(), "max") - distributed.all_reduce_(total.clone(), "min")).abs()
             on_main("writing the log", lambda: log_row({"step": step, "rank_weight_spread": float(spread.max())}))
             if main and spread.max() > 0:
-                    tqdm.write(f"warning: the {world} processes hold different weights at step {step} "
-                               f"(checksum spread {float(spread.max()):.3g}); this should not happen under DDP")
-        path, error = None, None
-        if main:
+                tqdm.write(f"warning: the {world} processes hold different weights at step {step} "
+                           f"(checksum spread {float(spread.max()):.3g}); this should not happen under DDP")
+
+        def write() -> Path:
             tensors, opt_meta = optimizer_to_tensors(optimizer)
             tensors["rng.noise"] = noise_gen.get_state()
-            try:
-                path = save_checkpoint(run_dir, step, model=net, ema=ema, config=mconfig, state_tensors=tensors,
-                                       state_json={"optimizer": opt_meta, "skipped": skipped, "noise_device": device.type},
-                                       keep=cfg.keep)
-            except CheckpointWriteError as e:
-                error = str(e)
-                if not final:
-                    tqdm.write(f"warning: {e}; training continues, the newest good checkpoint stays "
-                               f"{(list_checkpoints(run_dir) or [Path('(none yet)')])[-1]}")
+            return save_checkpoint(run_dir, step, model=net, ema=ema, config=mconfig, state_tensors=tensors,
+                                   state_json={"optimizer": opt_meta, "skipped": skipped, "noise_device": device.type},
+                                   keep=cfg.keep)
+
         saved["step"] = step  # on every rank (success or not), so all agree whether the step still needs one
         if final:
-            error = distributed.broadcast_object(error)
-            if error:
-                raise DifflabError(f"training finished but its final checkpoint failed: {error}", all_ranks=True)
+            return distributed.main_first(write, error_prefix="training finished but its final checkpoint failed: ")
+        path = None
+        if main:
+            try:
+                path = write()
+            except CheckpointWriteError as e:
+                tqdm.write(f"warning: {e}; training continues, the newest good checkpoint stays "
+                           f"{(list_checkpoints(run_dir) or [Path('(none yet)')])[-1]}")
         return path
 
-    # built on every process, so a bad extractor name or missing weights stop all of them alike
-    evaluator = make_evaluator(cfg, data, device, progress) if cfg.eval_every else None
+    # the main process scores; a bad extractor name or missing weights stop every process alike
+    evaluator = distributed.main_first(lambda: make_evaluator(cfg, data, device, progress)) if cfg.eval_every else None
     # conditional models are evaluated and shown class by class, with classifier-free guidance
     # (a model trained without label dropout has an untrained null class: its grids are plain conditional)
     guidance = dict(guidance_scale=cfg.guidance_scale if cfg.label_dropout > 0 else 1.0) if num_classes else {}
@@ -269,6 +255,7 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
             grid = distributed.generate_sharded(sample_denoiser, (channels, height, width),
                                                 len(cond) if num_classes else cfg.num_samples, sampler="ddim",
                                                 steps=cfg.sample_steps, seed=0, cond=cond, **guidance)
+
         def draw() -> None:
             save_grid(grid, run_dir / "samples" / f"step_{step:07d}.png", nrow=per_row)
             save_grid(grid, run_dir / "samples.png", nrow=per_row)
