@@ -37,10 +37,22 @@ from difflab.checkpoint import (
     save_checkpoint,
     write_json,
 )
-from difflab.config import ClassifierTrainConfig, make_config
-from difflab.data import load_dataset
+from difflab.config import ClassifierTrainConfig, check_counts_and_seed, make_config
+from difflab.data import load_dataset, to_model_range
 from difflab.errors import DifflabError
 from difflab.nn import EncoderClassifier, UNetConfig, unet_config
+from difflab.pipeline import resolve_device
+from difflab.runs import (
+    GracefulStop,
+    batch_indices,
+    default_hflip,
+    learning_rate,
+    prepare_run_dir,
+    random_hflip,
+    restore_noise_generator,
+    step_seed,
+    truncate_log,
+)
 from difflab.schedules import NoiseSchedule, make_schedule, q_sample, sigma_to_t
 
 CLASSIFIER_FORMAT = "difflab-classifier-1"
@@ -98,7 +110,7 @@ def accuracy_by_noise_level(net: EncoderClassifier, schedule: NoiseSchedule, ima
         gen = torch.Generator().manual_seed(seed)
         correct = 0
         for start in range(0, len(images), batch_size):
-            x0 = images[start:start + batch_size].to(device).float() / 127.5 - 1
+            x0 = to_model_range(images[start:start + batch_size].to(device))
             noise = torch.randn(x0.shape, generator=gen).to(device)
             t = torch.full((x0.shape[0],), t_int, device=device)
             logits = net(q_sample(x0, t, noise, schedule), t.float())
@@ -119,17 +131,6 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
                      overwrite: bool = False, progress: bool = True, **overrides) -> Path:
     """Train a noise-aware classifier; returns its run folder (config.json, log.jsonl, accuracy.json with the
     held-out accuracy at each noise level, accuracy.png, checkpoints/). ``resume`` continues a run exactly."""
-    from difflab.runs import (
-        GracefulStop,
-        batch_indices,
-        learning_rate,
-        prepare_run_dir,
-        restore_noise_generator,
-        step_seed,
-        truncate_log,
-    )
-    from difflab.pipeline import resolve_device
-
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.json").is_file():
@@ -147,13 +148,9 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
     else:
         base = dataclasses.asdict(config) if isinstance(config, ClassifierTrainConfig) else config
         cfg = make_config(base, config_class=ClassifierTrainConfig, **overrides)
-    for name in ("steps", "batch_size", "timesteps", "log_every", "checkpoint_every"):
-        if getattr(cfg, name) < 1:
-            raise DifflabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    check_counts_and_seed(cfg, ("steps", "batch_size", "timesteps", "log_every", "checkpoint_every"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DifflabError("train-classifier runs in one process: start it without torchrun")
-    if not 0 <= cfg.seed < 2**62:
-        raise DifflabError(f"--seed must lie in [0, 2^62), got {cfg.seed}")
     if not 0.0 < cfg.holdout < 1.0:
         raise DifflabError(f"--holdout must lie in (0, 1), got {cfg.holdout}")
     device = resolve_device(cfg.device)
@@ -169,7 +166,7 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
     order = torch.randperm(n_all, generator=torch.Generator().manual_seed(cfg.seed))
     n_held = max(1, int(round(cfg.holdout * n_all)))
     train_idx, held_idx = order[n_held:], order[:n_held]
-    hflip = cfg.hflip if cfg.hflip is not None else (data.name == "cifar10" or data.name.startswith("folder"))
+    hflip = cfg.hflip if cfg.hflip is not None else default_hflip(data.name)
     cfg = dataclasses.replace(cfg, image_size=height, channels=channels, hflip=hflip)
     images, labels = data.images.to(device), data.labels.to(device)
     train_idx = train_idx.to(device)
@@ -231,10 +228,9 @@ def train_classifier(config: ClassifierTrainConfig | dict | None = None, *, resu
                     if path else "the checkpoint could not be written"))
             torch.manual_seed(step_seed(cfg.seed, step))  # dropout, if any: a pure function of the step
             idx = train_idx[batch_indices(step, cfg.batch_size, len(train_idx), cfg.seed).to(device)]
-            x0, y = images[idx].float() / 127.5 - 1, labels[idx]
+            x0, y = to_model_range(images[idx]), labels[idx]
             if hflip:
-                flip = torch.rand(x0.shape[0], generator=noise_gen, device=device) < 0.5
-                x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+                x0 = random_hflip(x0, noise_gen)
             t = torch.randint(0, schedule.T, (x0.shape[0],), generator=noise_gen, device=device)
             noise = torch.randn(x0.shape, generator=noise_gen, device=device)
             with autocast:

@@ -205,15 +205,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from difflab import distributed
     from difflab.evaluation import evaluate, format_table, parse_metrics
 
-    info = distributed.setup(args.device)  # under torchrun the images are sampled in shares, rank 0 measures
-    try:
-        options = {"eta": args.eta} if args.eta is not None else {}
+    options = {"eta": args.eta} if args.eta is not None else {}
+    with distributed.session(args.device) as info:  # under torchrun the images are sampled in shares, rank 0 measures
         result = evaluate(args.real, args.fake, metrics=parse_metrics(args.metrics), features=args.features, n=args.num,
                           inception_weights=args.inception_weights, device=str(info.device), data_dir=args.data_dir,
                           split=args.split, save_reference=args.save_reference, progress=not args.quiet,
                           sampler=args.sampler, steps=args.steps, spacing=args.spacing, seed=args.seed, **options)
-    finally:
-        distributed.teardown()
     if not result:
         return 0
     print(format_table(result))
@@ -276,11 +273,8 @@ def run_train_classifier(args: argparse.Namespace) -> int:
 def run_sample(args: argparse.Namespace) -> int:
     from difflab import distributed
 
-    info = distributed.setup(args.device)  # under torchrun: every process samples a share, rank 0 writes
-    try:
+    with distributed.session(args.device) as info:  # under torchrun: every process samples a share, rank 0 writes
         return _sample(args, info)
-    finally:
-        distributed.teardown()
 
 
 def _sample(args: argparse.Namespace, info) -> int:
@@ -292,10 +286,11 @@ def _sample(args: argparse.Namespace, info) -> int:
 
     options = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k) is not None}
     model = load_model(args.model, weights=args.weights, device=info.device)
-    guidance, per_row, cond = _guidance_options(args, model)
+    guidance, cond = _guidance_options(args, model)
     num = args.num if args.num is not None else (8 if cond is not None else 64)
     if num < 1:
         raise DifflabError(f"-n must be at least 1, got {num}")
+    per_row = None
     if cond is not None:
         cond, per_row = cond.repeat_interleave(num), num  # one row per class
     stats: dict = {}
@@ -332,7 +327,7 @@ def _sample(args: argparse.Namespace, info) -> int:
 
 
 def _guidance_options(args: argparse.Namespace, model):
-    """(generate() guidance keywords, grid row length, the classes to sample or None) from the sample flags."""
+    """(generate() guidance keywords, the classes to sample or None) from the sample flags."""
     import torch
 
     from difflab.pipeline import parse_classes
@@ -349,7 +344,7 @@ def _guidance_options(args: argparse.Namespace, model):
             raise DifflabError("--classifier guides an unconditional model; this one is class-conditional "
                                "(use --guidance-scale)")
         labels = parse_classes(classes, classifier.class_names, len(classifier.class_names))
-        return {"classifier": classifier, "classifier_scale": args.classifier_scale}, None, torch.tensor(labels)
+        return {"classifier": classifier, "classifier_scale": args.classifier_scale}, torch.tensor(labels)
     if args.classifier_scale != 1.0:
         raise DifflabError("--classifier-scale applies only with --classifier")
     if model.num_classes is None:
@@ -358,14 +353,14 @@ def _guidance_options(args: argparse.Namespace, model):
                                "--conditional (or classifier guidance: --classifier RUN)")
         if args.guidance_rescale:
             raise DifflabError("--guidance-rescale applies only with classifier-free guidance")
-        return {}, None, None
+        return {}, None
     labels = parse_classes(classes, model.class_names, model.num_classes)
     trained_unconditional = model.config.get("label_dropout", 0.1) > 0
     scale = args.guidance_scale if args.guidance_scale is not None else (3.0 if trained_unconditional else 1.0)
     if scale != 1.0 and not trained_unconditional:
         print("warning: this model was trained without label dropout, so its null class is untrained; guidance "
               "scales other than 1 extrapolate from noise", file=sys.stderr)
-    return {"guidance_scale": scale, "guidance_rescale": args.guidance_rescale}, None, torch.tensor(labels)
+    return {"guidance_scale": scale, "guidance_rescale": args.guidance_rescale}, torch.tensor(labels)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -89,6 +89,15 @@ def check_types(cfg) -> None:
             raise DifflabError(f"config '{f.name}' must be {_type_names(allowed)}, got {value!r}")
 
 
+def check_counts_and_seed(cfg, counts: tuple[str, ...]) -> None:
+    """One-line errors for a count below 1 (steps, batch size, ...) or a seed outside [0, 2^62)."""
+    for name in counts:
+        if getattr(cfg, name) < 1:
+            raise DifflabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.seed < 2**62:
+        raise DifflabError(f"--seed must lie in [0, 2^62), got {cfg.seed}")
+
+
 def _type_names(types) -> str:
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
 

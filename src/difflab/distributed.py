@@ -15,6 +15,7 @@ the world size is 1, collectives do nothing. Objects sent between processes go a
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -116,6 +117,16 @@ def _local_device(device: torch.device, local_rank: int, world: int) -> torch.de
         raise DifflabError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible: "
                            "start at most one process per GPU (torchrun --nproc_per_node)")
     return torch.device("cuda", local_rank)
+
+
+@contextlib.contextmanager
+def session(device: str | torch.device = "auto"):
+    """``with session(device) as info:`` -- :func:`setup` on entry, :func:`teardown` on the way out."""
+    info = setup(device)
+    try:
+        yield info
+    finally:
+        teardown()
 
 
 def teardown() -> None:

@@ -71,6 +71,8 @@ def classifier_free_guidance(denoiser: DenoiserFn, scale: float, *, null_label: 
         null = torch.full((n,), null_label, dtype=torch.long, device=x.device)
         if cond is None:
             return denoiser(x, sigma, null)
+        if scale == 1:  # exactly the conditional estimate (rescale then changes nothing): no unconditional half
+            return denoiser(x, sigma, cond)
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(n)
         both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond.to(x.device), null]))
         x0_cond, x0_uncond = both[:n], both[n:]

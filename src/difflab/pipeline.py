@@ -119,9 +119,9 @@ def guide(denoiser, *, guidance_scale: float | None = None, guidance_rescale: fl
           classifier_scale: float = 1.0):
     """Wrap a model's denoiser with classifier-free guidance (a class-conditional model, ``guidance_scale``) or
     classifier guidance (any model and a noise-aware ``classifier``); with neither it is returned unchanged."""
-    num_classes = getattr(getattr(getattr(denoiser, "net", None), "config", None), "num_classes", None)
+    want = getattr(getattr(denoiser, "net", None), "config", None)  # the U-Net's config, when there is one
+    num_classes = getattr(want, "num_classes", None)
     if classifier is not None:
-        want = getattr(getattr(denoiser, "net", None), "config", None)
         have = getattr(getattr(classifier, "net", None), "config", None)
         if want is not None and have is not None and (want.image_size, want.in_channels) != (have.image_size, have.in_channels):
             raise DifflabError(f"the classifier sees {have.in_channels}x{have.image_size}x{have.image_size} images but the "
@@ -130,8 +130,6 @@ def guide(denoiser, *, guidance_scale: float | None = None, guidance_rescale: fl
     if guidance_scale is not None:
         if num_classes is None:
             raise DifflabError("classifier-free guidance needs a class-conditional model (train it with --conditional)")
-        if guidance_scale == 1.0 and not guidance_rescale:  # exactly the conditional model: no unconditional half
-            return denoiser
         return classifier_free_guidance(denoiser, guidance_scale, null_label=num_classes, rescale=guidance_rescale)
     if guidance_rescale:
         raise DifflabError("guidance rescale applies only with classifier-free guidance (set a guidance scale)")

@@ -50,6 +50,20 @@ def _epoch_permutation(epoch: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+PHOTO_DATASETS = ("cifar10",)  # datasets where a mirror image is still a plausible image
+
+
+def default_hflip(dataset_name: str) -> bool:
+    """Random horizontal flips by default for photos (CIFAR-10, image folders), not for digits and MNIST-likes."""
+    return dataset_name in PHOTO_DATASETS or dataset_name.startswith("folder")
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image of a batch with probability 1/2 (one draw per image from ``generator``)."""
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """The seed of the global generator (dropout) at one training step of one process: a pure function, so a
     resumed run draws what an uninterrupted one would, and processes draw differently."""

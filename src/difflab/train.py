@@ -31,8 +31,8 @@ from difflab.checkpoint import (
     save_checkpoint,
     write_json,
 )
-from difflab.config import TrainConfig, make_config
-from difflab.data import load_dataset
+from difflab.config import TrainConfig, check_counts_and_seed, make_config
+from difflab.data import load_dataset, to_model_range
 from difflab.denoisers import Denoiser
 from difflab.errors import DifflabError
 from difflab.losses import denoising_loss
@@ -41,7 +41,9 @@ from difflab.pipeline import model_config
 from difflab.runs import (
     GracefulStop,
     batch_indices,
+    default_hflip,
     learning_rate,
+    random_hflip,
     prepare_run_dir,
     restore_noise_generator,
     step_seed,
@@ -50,7 +52,6 @@ from difflab.runs import (
 from difflab.schedules import make_schedule
 from difflab.viz import plot_loss, save_grid
 
-PHOTO_DATASETS = ("cifar10",)  # datasets where a mirror image is still a plausible image
 # fields that shape the model or the data: a resumed run must keep them
 FROZEN_ON_RESUME = ("dataset", "image_size", "channels", "preset", "model", "prediction", "schedule", "timesteps",
                     "batch_size", "seed", "weighting", "hflip", "conditional")
@@ -77,13 +78,10 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
     else:
         base = dataclasses.asdict(config) if isinstance(config, TrainConfig) else config
         cfg = make_config(base, **overrides)
-    for name in ("steps", "batch_size", "timesteps", "log_every", "checkpoint_every", "num_samples", "sample_steps"):
-        if getattr(cfg, name) < 1:
-            raise DifflabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    check_counts_and_seed(cfg, ("steps", "batch_size", "timesteps", "log_every", "checkpoint_every", "num_samples",
+                                "sample_steps"))
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise DifflabError(f"--ema-decay must lie in [0, 1), got {cfg.ema_decay}")
-    if not 0 <= cfg.seed < 2**62:
-        raise DifflabError(f"--seed must lie in [0, 2^62), got {cfg.seed}")
     if cfg.max_bad_steps < 0:
         raise DifflabError(f"--max-bad-steps must be 0 (never stop) or more, got {cfg.max_bad_steps}")
     if not (math.isfinite(cfg.guidance_scale) and cfg.guidance_scale >= 0):
@@ -98,12 +96,9 @@ def train(config: TrainConfig | dict | None = None, *, resume: str | Path | None
     if cfg.image_size is not None:  # refuse a size the U-Net cannot take before spending time on the data
         unet_config(cfg.preset, image_size=cfg.image_size, in_channels=cfg.channels or 1, **cfg.model)
     # one process, or one of several started by torchrun (DistributedDataParallel; see difflab.distributed)
-    dist_info = distributed.setup(cfg.device)
-    try:
+    with distributed.session(cfg.device) as dist_info:
         return _train(cfg, dist_info, resume=run_dir if resume is not None else None, overwrite=overwrite,
                       progress=progress and dist_info.is_main)
-    finally:
-        distributed.teardown()
 
 
 def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | None, overwrite: bool,
@@ -128,7 +123,7 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
     n, channels, height, width = data.images.shape
     if height != width:
         raise DifflabError(f"images must be square for the U-Net, got {height}x{width} (set --image-size)")
-    hflip = cfg.hflip if cfg.hflip is not None else (data.name in PHOTO_DATASETS or data.name.startswith("folder"))
+    hflip = cfg.hflip if cfg.hflip is not None else default_hflip(data.name)
     cfg = dataclasses.replace(cfg, image_size=height, channels=channels, hflip=hflip)  # saved resolved
     images = data.images.to(device)
     num_classes = None
@@ -286,10 +281,9 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo, *, resume: Path | 
             torch.manual_seed(step_seed(cfg.seed, step, dist_info.rank))
             # data: the global batch in [-1, 1], optionally mirrored; then this process's slice of it
             idx = batch_indices(step, cfg.batch_size, n, cfg.seed).to(device)
-            x0 = images[idx].float() / 127.5 - 1
+            x0 = to_model_range(images[idx])
             if hflip:
-                flip = torch.rand(x0.shape[0], generator=noise_gen, device=device) < 0.5
-                x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+                x0 = random_hflip(x0, noise_gen)
             # noise: t ~ U{1..T}, eps ~ N(0, I)   (DDPM Algorithm 1, lines 3-4)
             t = torch.randint(0, schedule.T, (x0.shape[0],), generator=noise_gen, device=device)
             noise = torch.randn(x0.shape, generator=noise_gen, device=device)
