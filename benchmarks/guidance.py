@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import torch
+from difflab.classifier import format_accuracy_table
 
 import difflab
-from difflab.classifier import format_accuracy_table
 from difflab.data import load_dataset, to_model_range
 from difflab.metrics import compute_features, evaluate_features
 from difflab.metrics.domain import load_domain_extractor

@@ -14,11 +14,11 @@ import argparse
 import time
 
 import torch
+from difflab.pipeline import generate, resolve_device
 
 from difflab.denoisers import Denoiser
 from difflab.losses import denoising_loss
 from difflab.nn import UNet, unet_config
-from difflab.pipeline import generate, resolve_device
 from difflab.schedules import make_schedule
 
 

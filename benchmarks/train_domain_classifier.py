@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from difflab.checkpoint import write_json
+from difflab.nn.classifier import ClassifierConfig, SmallClassifier
 from safetensors.torch import load_file, save_file
 
-from difflab.checkpoint import write_json
 from difflab.data import to_model_range
 from difflab.metrics.domain import DOMAIN_EXTRACTORS, DomainExtractor, load_domain_split
-from difflab.nn.classifier import ClassifierConfig, SmallClassifier
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "difflab" / "assets"
 

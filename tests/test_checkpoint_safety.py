@@ -13,8 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-import difflab.checkpoint as ckpt
-from difflab.checkpoint import (
+import difflab.training.checkpoint as ckpt
+from difflab.denoisers import VPParameterization
+from difflab.errors import DifflabError
+from difflab.models import load_model, model_config
+from difflab.nn import unet_config
+from difflab.schedules import make_schedule
+from difflab.training.checkpoint import (
     CheckpointWriteError,
     latest_valid_checkpoint,
     list_checkpoints,
@@ -25,9 +30,6 @@ from difflab.checkpoint import (
     save_checkpoint,
     write_json,
 )
-from difflab.errors import DifflabError
-from difflab.nn import unet_config
-from difflab.pipeline import load_model, model_config
 
 
 def save(run: Path, step: int, keep: int = 3) -> Path:
@@ -237,8 +239,8 @@ def test_pickle_disguised_as_safetensors_is_refused_unrun(tmp_path, capsys, writ
         with pytest.raises(DifflabError, match="is a pickle, not safetensors; difflab never loads pickles"):
             load()
     assert resolve_checkpoint(evil) == evil  # the folder has the right shape; its weights are what is refused
-    config = model_config(unet_config("tiny", image_size=8, in_channels=1), prediction="eps", schedule="linear",
-                          timesteps=10, data={"name": "test"})
+    config = model_config(unet_config("tiny", image_size=8, in_channels=1),
+                          parameterization=VPParameterization(make_schedule("linear", 10)), data={"name": "test"})
     write_json(evil / "config.json", config)
     with pytest.raises(DifflabError, match="never loads pickles"):
         load_model(evil, device="cpu")

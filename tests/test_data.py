@@ -14,7 +14,6 @@ import pickle
 import tarfile
 import urllib.error
 import urllib.request
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import difflab.data as data
 from difflab.data import ImageData, dataset_names, from_model_range, load_dataset, read_idx, to_model_range
 from difflab.errors import DifflabError
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -404,19 +403,12 @@ def test_folder_errors(tmp_path):
     one_line(e)
 
 
-def test_real_cifar_jpegs_as_a_class_folder(tmp_path):
-    archive = SHARED_DATA / "cifar10-jpeg-test.zip"
-    assert archive.is_file(), f"missing {archive} (the repository's shared/data beside the clone)"
-    with zipfile.ZipFile(archive) as z:
-        for cls in CIFAR_CLASSES:
-            for member in sorted(n for n in z.namelist() if n.startswith(f"test/{cls}/"))[:2]:
-                target = tmp_path / "cifar" / cls / Path(member).name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(z.read(member))
-    d = load_dataset(str(tmp_path / "cifar"), progress=False)
+def test_real_cifar_jpegs_as_a_class_folder():
+    folder = FIXTURES / "cifar10-jpeg"  # two real CIFAR-10 test JPEGs per class, shipped with the tests
+    d = load_dataset(str(folder), progress=False)
     assert d.images.shape == (20, 3, 32, 32) and d.class_names == CIFAR_CLASSES
     assert d.labels.tolist() == [i for i in range(10) for _ in range(2)]
-    first = sorted((tmp_path / "cifar" / "airplane").iterdir())[0]
+    first = sorted((folder / "airplane").iterdir())[0]
     expected = np.asarray(Image.open(first).convert("RGB")).transpose(2, 0, 1)
     np.testing.assert_array_equal(d.images[0].numpy(), expected)
 

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab.denoisers import Denoiser, gaussian_denoiser, preconditioning
+from difflab.denoisers import Denoiser, VPParameterization
 from difflab.errors import DifflabError
-from difflab.losses import denoising_loss, loss_weight
+from difflab.exact import gaussian_denoiser
+from difflab.losses import denoising_loss
 from difflab.schedules import make_schedule, q_sample
 
 SCHEDULE = make_schedule("linear", 1000)
@@ -34,7 +35,7 @@ def test_eps_x0_v_parameterizations_agree():
     t = torch.tensor([0, 5, 100, 400, 800, 999])
     sigma = SCHEDULE.sigmas[t].float()
     x = torch.randn(6, 3, 4, 4, generator=g) * (1 + sigma.view(-1, 1, 1, 1))
-    outs = {p: Denoiser(Oracle(x0_guess, p), SCHEDULE, p)(x, sigma) for p in ("eps", "x0", "v")}
+    outs = {p: Denoiser(Oracle(x0_guess, p), VPParameterization(SCHEDULE, p))(x, sigma) for p in ("eps", "x0", "v")}
     for p in ("eps", "v"):
         torch.testing.assert_close(outs[p], outs["x0"], rtol=1e-4, atol=1e-4 * float(sigma.max()) * 1e-2)
     torch.testing.assert_close(outs["v"], x0_guess, rtol=1e-4, atol=1e-4)
@@ -52,7 +53,7 @@ def test_network_sees_ddpm_input_and_timestep():
     noise = torch.randn(3, 1, 4, 4)
     t = torch.tensor([3, 300, 999])
     sigma = SCHEDULE.sigmas[t].float()
-    Denoiser(Spy(), SCHEDULE, "eps")(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma)
+    Denoiser(Spy(), VPParameterization(SCHEDULE, "eps"))(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma)
     torch.testing.assert_close(seen["x_t"], q_sample(x0, t, noise, SCHEDULE), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(seen["t"], t.float(), rtol=0, atol=1e-3)
 
@@ -69,7 +70,8 @@ def test_eps_weighting_is_the_tutorial_loss():
         def forward(self, x_t, tt, cond=None):
             return net(x_t)
 
-    loss = denoising_loss(Denoiser(Net(), SCHEDULE, "eps"), x0, sigma, noise, weighting="eps")
+    loss = denoising_loss(Denoiser(Net(), VPParameterization(SCHEDULE, "eps")), x0, sigma, noise,
+                          weight=VPParameterization(SCHEDULE, weighting="eps").loss_weight(sigma))
     eps_hat = net(q_sample(x0, t, noise, SCHEDULE))
     expected = F.mse_loss(eps_hat, noise, reduction="none").flatten(1).mean(1)  # ||eps - eps_theta(x_t, t)||^2
     torch.testing.assert_close(loss, expected, rtol=2e-3, atol=1e-5)
@@ -81,8 +83,8 @@ def test_exact_denoiser_has_zero_x0_loss_only_in_expectation():
     x0 = 0.5 + 0.2 * torch.randn(50_000, 1, 1, 1, generator=g)
     noise = torch.randn(x0.shape, generator=g)
     sigma = torch.full((x0.shape[0],), 0.3)
-    best = denoising_loss(gaussian_denoiser(0.5, 0.2), x0, sigma, noise, weighting="x0").mean()
-    worse = denoising_loss(gaussian_denoiser(0.5, 0.3), x0, sigma, noise, weighting="x0").mean()
+    best = denoising_loss(gaussian_denoiser(0.5, 0.2), x0, sigma, noise).mean()
+    worse = denoising_loss(gaussian_denoiser(0.5, 0.3), x0, sigma, noise).mean()
     assert best < worse
     assert best.item() == pytest.approx(0.2**2 * 0.3**2 / (0.2**2 + 0.3**2), rel=2e-2)  # posterior variance
 
@@ -90,9 +92,9 @@ def test_exact_denoiser_has_zero_x0_loss_only_in_expectation():
 def test_weights_are_the_output_space_mse():
     sigma = torch.tensor([0.1, 1.0, 10.0])
     for p in ("eps", "x0", "v"):
-        _, c_out, _ = preconditioning(sigma, p)
-        torch.testing.assert_close(loss_weight(sigma, p), c_out**-2)
+        _, c_out, _ = VPParameterization(SCHEDULE, p).scalings(sigma)
+        torch.testing.assert_close(VPParameterization(SCHEDULE, p).loss_weight(sigma), c_out**-2)
     with pytest.raises(DifflabError):
-        loss_weight(sigma, "snr")
+        VPParameterization(SCHEDULE, "eps", weighting="snr")
     with pytest.raises(DifflabError, match="prediction"):
-        Denoiser(nn.Identity(), SCHEDULE, "score")
+        VPParameterization(SCHEDULE, "score")

@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers import scheduling_ddpm
 from torch import nn
 
-from difflab.denoisers import Denoiser
+from difflab.denoisers import Denoiser, VPParameterization
 from difflab.guidance import clip_x0
 from difflab.samplers import sample_ddim, sample_ddpm
 from difflab.schedules import make_schedule
@@ -31,7 +31,7 @@ def our_step(step_fn, schedule, prediction, model_out, x_t, t, t_prev, seed, **o
     abar_prev = abar[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
     sigmas = torch.stack([schedule.sigmas[t], ((1 - abar_prev) / abar_prev).sqrt()])
     x = x_t / abar[t].sqrt().float()  # x = x_t / sqrt(abar_t)
-    denoiser = Denoiser(FixedOutput(model_out), schedule, prediction)
+    denoiser = Denoiser(FixedOutput(model_out), VPParameterization(schedule, prediction))
     if options.pop("clip", False):
         denoiser = clip_x0(denoiser)
     out = step_fn(denoiser, x, sigmas, generator=torch.Generator().manual_seed(seed), **options)

@@ -15,21 +15,25 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from difflab import distributed as D
+from difflab.denoisers import VPParameterization
 from difflab.errors import DifflabError
+from difflab.generate import generate, generate_sharded
+from difflab.models import build, model_config
 from difflab.nn import unet_config
-from difflab.pipeline import build_denoiser, generate, model_config
+from difflab.schedules import make_schedule
 
 WORLD = 2
 SAMPLING = dict(sampler="ddim", eta=1.0, steps=4, batch_size=2)  # stochastic: every image uses its own generator
-CONFIG = model_config(unet_config("tiny", image_size=8, in_channels=1, base_channels=16), prediction="eps",
-                      schedule="linear", timesteps=1000, data={"name": "test"})
+CONFIG = model_config(unet_config("tiny", image_size=8, in_channels=1, base_channels=16),
+                      parameterization=VPParameterization(make_schedule("linear", 1000)), data={"name": "test"})
 DDP_BATCH, DDP_LR = 6, 0.1  # global batch 2B = 6, B = 3 per rank
 
 
-def tiny_denoiser(weights: Path | None = None):
+def tiny_model(weights: Path | None = None):
     """The tiny U-Net with random-normal weights (the zero-initialised output layer would make every
     sample the same), saved to / loaded from ``weights`` so every process holds the same model."""
-    denoiser = build_denoiser(CONFIG)
+    model = build(CONFIG)
+    denoiser = model.denoiser
     if weights is not None and weights.exists():
         denoiser.net.load_state_dict(load_file(weights))
     else:
@@ -39,7 +43,8 @@ def tiny_denoiser(weights: Path | None = None):
                 p.normal_(0, 0.2)
         if weights is not None:
             save_file({k: v.contiguous() for k, v in denoiser.net.state_dict().items()}, weights)
-    return denoiser.eval()
+    denoiser.eval()
+    return model
 
 
 def ddp_model() -> nn.Module:
@@ -81,12 +86,12 @@ def worker(rank: int, out: str, port: int) -> None:
     tensors["mean"] = D.all_reduce_(torch.tensor([rank + 1.0]), "mean")
     tensors["max"] = D.all_reduce_(torch.tensor([rank + 1.0]), "max")
     facts["broadcast"] = D.broadcast_object({"run": f"chosen-by-{rank}", "steps": (1, 2), "é": None})
-    D.barrier()
+    torch.distributed.barrier()
 
     # sharded sampling: 5 images (3 + 2) and 1 image (rank 1 has none)
-    denoiser = tiny_denoiser(out / "weights.safetensors")
-    tensors["images5"] = D.generate_sharded(denoiser, (1, 8, 8), 5, seed=11, **SAMPLING)
-    tensors["images1"] = D.generate_sharded(denoiser, (1, 8, 8), 1, seed=11, **SAMPLING)
+    model = tiny_model(out / "weights.safetensors")
+    tensors["images5"] = generate_sharded(model, 5, seed=11, **SAMPLING)
+    tensors["images1"] = generate_sharded(model, 1, seed=11, **SAMPLING)
 
     # data parallel: each rank takes half of the global batch, loss averaged over its half
     model = nn.parallel.DistributedDataParallel(ddp_model())
@@ -113,7 +118,7 @@ def worker(rank: int, out: str, port: int) -> None:
 def ranks(tmp_path_factory):
     """Start two Gloo processes once and return what each reported (tensors, facts)."""
     out = tmp_path_factory.mktemp("dist")
-    tiny_denoiser(out / "weights.safetensors")  # the parent draws the weights; the workers load them
+    tiny_model(out / "weights.safetensors")  # the parent draws the weights; the workers load them
     mp.spawn(worker, args=(str(out), free_port()), nprocs=WORLD, join=True)
     return [(load_file(out / f"rank{r}.safetensors"), json.loads((out / f"rank{r}.json").read_text()))
             for r in range(WORLD)]
@@ -161,10 +166,10 @@ def test_collectives(ranks):
 
 
 def test_sharded_sampling_equals_one_process(ranks, tmp_path):
-    denoiser, threads = tiny_denoiser(), torch.get_num_threads()
+    model, threads = tiny_model(), torch.get_num_threads()
     torch.set_num_threads(1)  # the same kernels as the workers
     try:
-        single = generate(denoiser, (1, 8, 8), 5, seed=11, **SAMPLING)
+        single = generate(model, 5, seed=11, **SAMPLING)
     finally:
         torch.set_num_threads(threads)
     for tensors, _ in ranks:
@@ -207,7 +212,6 @@ def test_single_process_path(monkeypatch):
     with pytest.raises(ValueError, match="op must be one of"):
         D.all_reduce_(t, "avg")
     assert D.broadcast_object({"a": (1, 2)}) == {"a": [1, 2]}  # JSON round trip, as under torchrun
-    D.barrier()
     batch = torch.randn(4, 3)
     assert D.gather_shards(batch, 4) is batch
     with pytest.raises(ValueError, match="holds 4 items but its shard of 5 is 5"):
@@ -221,14 +225,14 @@ def test_single_process_path(monkeypatch):
 
 
 def test_single_process_generate_sharded_is_generate():
-    denoiser = tiny_denoiser()
-    a = D.generate_sharded(denoiser, (1, 8, 8), 3, seed=5, sampler="ddim", steps=2)
-    b = generate(denoiser, (1, 8, 8), 3, seed=5, sampler="ddim", steps=2)
+    model = tiny_model()
+    a = generate_sharded(model, 3, seed=5, sampler="ddim", steps=2)
+    b = generate(model, 3, seed=5, sampler="ddim", steps=2)
     assert torch.equal(a, b)
     with pytest.raises(DifflabError, match="at least 1"):
-        D.generate_sharded(denoiser, (1, 8, 8), 0)
+        generate_sharded(model, 0)
     with pytest.raises(DifflabError, match="cond has 2 entries for 3 images"):
-        D.generate_sharded(denoiser, (1, 8, 8), 3, cond=torch.zeros(2, dtype=torch.long))
+        generate_sharded(model, 3, cond=torch.zeros(2, dtype=torch.long))
 
 
 @pytest.mark.parametrize("env, message", [

@@ -12,9 +12,8 @@ from safetensors import safe_open
 
 from difflab.data import to_model_range
 from difflab.errors import DifflabError
-from difflab.metrics.domain import (DOMAIN_EXTRACTORS, load_domain_extractor,
-                                    load_domain_split)
-from difflab.nn.classifier import ClassifierConfig, SmallClassifier
+from difflab.metrics.domain import DOMAIN_EXTRACTORS, load_domain_extractor, load_domain_split
+from difflab.nn.domain_classifier import DomainClassifier, DomainClassifierConfig
 
 ASSETS = resources.files("difflab") / "assets"
 MIN_ACCURACY = {"fashion-mnist": 0.90, "digits": 0.97}
@@ -97,19 +96,19 @@ def test_bad_inputs_and_unknown_datasets_raise_one_line_errors():
 
 
 def test_config_round_trips_through_json():
-    config = ClassifierConfig(image_size=16, in_channels=3, num_classes=7, channels=(8, 16), blocks=(1, 2),
+    config = DomainClassifierConfig(image_size=16, in_channels=3, num_classes=7, channels=(8, 16), blocks=(1, 2),
                               feature_dim=32, dropout=0.2)
-    again = ClassifierConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    again = DomainClassifierConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config and again.channels == (8, 16)
-    model = SmallClassifier(again)
+    model = DomainClassifier(again)
     x = torch.rand(3, 3, 16, 16) * 2 - 1
     assert model.features(x).shape == (3, 32) and model(x).shape == (3, 7)
     for bad in (dict(image_size=0), dict(image_size=8, channels=(8, 16), blocks=(1,)),
                 dict(image_size=2, channels=(4, 4, 4), blocks=(1, 1, 1)), dict(image_size=8, dropout=1.0)):
         with pytest.raises(DifflabError):
-            ClassifierConfig(**bad)
+            DomainClassifierConfig(**bad)
     with pytest.raises(DifflabError):
-        ClassifierConfig.from_dict({"image_size": 8, "kernel": 5})
+        DomainClassifierConfig.from_dict({"image_size": 8, "kernel": 5})
 
 
 @pytest.mark.parametrize("dataset", DOMAIN_EXTRACTORS)
@@ -121,8 +120,8 @@ def test_assets_are_safetensors_and_json_only(dataset):
     assert len(raw) < 1_000_000
     assert not raw.startswith((b"PK", b"\x80"))  # neither a torch zip archive nor a raw pickle
     meta = json.loads((ASSETS / f"classifier-{dataset}.json").read_text())
-    config = ClassifierConfig.from_dict(meta["config"])
-    expected = SmallClassifier(config).state_dict()
+    config = DomainClassifierConfig.from_dict(meta["config"])
+    expected = DomainClassifier(config).state_dict()
     with safe_open(str(weights), framework="pt") as f:
         assert set(f.keys()) == set(expected)
         assert all(f.get_slice(k).get_shape() == list(expected[k].shape) for k in expected)

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from difflab.denoisers import gaussian_mixture_classifier, gaussian_mixture_denoiser
 from difflab.errors import DifflabError
+from difflab.exact import gaussian_mixture_classifier, gaussian_mixture_denoiser
 from difflab.guidance import classifier_free_guidance, classifier_guidance
 from difflab.samplers import get_sampler
 from difflab.schedules import make_schedule, sampling_sigmas
@@ -44,7 +44,7 @@ def test_cfg_scale_0_is_unconditional_and_1_is_conditional(sampler):
     den = gaussian_mixture_denoiser(MEANS, STD)
     labels = torch.tensor([0, 1] * 8)
     for scale, reference in ((0.0, lambda x, s, c: den(x, s, None)), (1.0, den)):
-        guided = _sample(classifier_free_guidance(den, scale, null_label=NULL), labels, sampler)
+        guided = _sample(classifier_free_guidance(den, scale, null_cond=torch.tensor([NULL])), labels, sampler)
         expected = _sample(reference, labels, sampler)
         torch.testing.assert_close(guided, expected, rtol=1e-9, atol=1e-9)
     # and w = 1 really is conditional: every sample lands in its own class's component
@@ -60,7 +60,7 @@ def test_cfg_uses_one_batched_network_call():
         calls.append(x.shape[0])
         return den(x, sigma, cond)
 
-    guided = classifier_free_guidance(counted, 3.0, null_label=NULL)
+    guided = classifier_free_guidance(counted, 3.0, null_cond=torch.tensor([NULL]))
     guided(torch.randn(4, 1, 2, 2).double(), torch.full((4,), 1.0).double(), torch.tensor([0, 1, 0, 1]))
     assert calls == [8]
 
@@ -74,7 +74,7 @@ def test_larger_cfg_scale_moves_samples_towards_the_class_mean():
     towards = torch.where(labels == 0, 1.0, -1.0).double()  # the class direction (its mean is +0.6 along it)
     position, spread, right_mode, distance = [], [], [], []
     for scale in (0.0, 0.5, 1.0, 2.0, 4.0):
-        x = _sample(classifier_free_guidance(den, scale, null_label=NULL), labels)
+        x = _sample(classifier_free_guidance(den, scale, null_cond=torch.tensor([NULL])), labels)
         along = x.mean((1, 2, 3)) * towards
         position.append(float(along.mean()))
         spread.append(float(along.std()))
@@ -89,14 +89,14 @@ def test_larger_cfg_scale_moves_samples_towards_the_class_mean():
 def test_guidance_rescale():
     den = gaussian_mixture_denoiser(MEANS, STD)
     x, sigma, labels = torch.randn(6, 1, 2, 2).double() * 3, torch.full((6,), 2.0).double(), torch.tensor([0, 1] * 3)
-    plain = classifier_free_guidance(den, 5.0, null_label=NULL)(x, sigma, labels)
-    torch.testing.assert_close(classifier_free_guidance(den, 5.0, null_label=NULL, rescale=0.0)(x, sigma, labels), plain)
-    full = classifier_free_guidance(den, 5.0, null_label=NULL, rescale=1.0)(x, sigma, labels)
+    plain = classifier_free_guidance(den, 5.0, null_cond=torch.tensor([NULL]))(x, sigma, labels)
+    torch.testing.assert_close(classifier_free_guidance(den, 5.0, null_cond=torch.tensor([NULL]), rescale=0.0)(x, sigma, labels), plain)
+    full = classifier_free_guidance(den, 5.0, null_cond=torch.tensor([NULL]), rescale=1.0)(x, sigma, labels)
     torch.testing.assert_close(full.std(dim=(1, 2, 3)), den(x, sigma, labels).std(dim=(1, 2, 3)))
-    half = classifier_free_guidance(den, 5.0, null_label=NULL, rescale=0.5)(x, sigma, labels)
+    half = classifier_free_guidance(den, 5.0, null_cond=torch.tensor([NULL]), rescale=0.5)(x, sigma, labels)
     torch.testing.assert_close(half, 0.5 * (plain + full))
     with pytest.raises(DifflabError):
-        classifier_free_guidance(den, 1.0, null_label=NULL, rescale=1.5)
+        classifier_free_guidance(den, 1.0, null_cond=torch.tensor([NULL]), rescale=1.5)
 
 
 def test_classifier_guidance_with_the_exact_classifier_is_the_conditional_denoiser():

@@ -21,14 +21,15 @@ from difflab.metrics import (
     evaluate_features,
     feature_stats,
     fid_from_stats,
+    formulas,
     get_extractor,
+    inception,
     inception_score,
     kid,
     load_reference,
     precision_recall,
     save_reference,
 )
-from difflab.metrics import formulas, inception
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:

@@ -5,12 +5,26 @@ import math
 
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+)
 from torch import nn
 
-from difflab.denoisers import Denoiser, gaussian_denoiser, gaussian_ode_solution
+from difflab.denoisers import Denoiser, VPParameterization
+from difflab.exact import gaussian_denoiser, gaussian_ode_solution
 from difflab.guidance import dynamic_threshold
-from difflab.samplers import SAMPLERS, get_sampler, sample_ddim, sample_edm, sample_euler, sample_euler_ancestral, sample_heun
+from difflab.samplers import (
+    SAMPLERS,
+    get_sampler,
+    sample_ddim,
+    sample_edm,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+)
 from difflab.schedules import karras_sigmas, make_schedule, sampling_sigmas
 
 MEAN, STD = 0.4, 0.3
@@ -110,7 +124,7 @@ def run_diffusers(scheduler, x_start_sigma, steps, generator=None, scale_input=T
 @pytest.mark.parametrize("steps", [10, 25])
 def test_trajectories_match_diffusers(kind, steps, karras):
     schedule = make_schedule("linear", 1000)
-    den = Denoiser(EpsNet(), schedule, "eps")
+    den = Denoiser(EpsNet(), VPParameterization(schedule, "eps"))
     common = dict(num_train_timesteps=1000, beta_schedule="linear")
     if karras:
         common["use_karras_sigmas"] = True

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from difflab.denoisers import gaussian_denoiser, gaussian_ode_solution
 from difflab.errors import DifflabError
+from difflab.exact import gaussian_denoiser, gaussian_ode_solution
 from difflab.guidance import clip_x0
 from difflab.samplers import get_sampler, randn_like, sample_ddim, sample_ddpm
 from difflab.schedules import make_schedule, sampling_sigmas

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from difflab.denoisers import gaussian_denoiser, gaussian_ode_solution
 from difflab.errors import DifflabError
-from difflab.pipeline import CountingDenoiser
+from difflab.exact import gaussian_denoiser, gaussian_ode_solution
+from difflab.generate import CountingDenoiser
 from difflab.samplers import get_sampler
 from difflab.samplers.adaptive import sample_adaptive
 from difflab.samplers.ode import sample_euler, sample_heun

@@ -12,11 +12,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import difflab
-from difflab.checkpoint import list_checkpoints, save_checkpoint
 from difflab.cli import main
+from difflab.denoisers import Denoiser, VPParameterization
 from difflab.errors import DifflabError
+from difflab.models import load_model, model_config
 from difflab.nn import UNet, unet_config
-from difflab.pipeline import load_model, model_config
+from difflab.schedules import make_schedule
+from difflab.training.checkpoint import list_checkpoints, save_checkpoint
 
 FAST = dict(batch_size=64, log_every=25, sample_every=150, checkpoint_every=150, num_samples=16, sample_steps=10)
 
@@ -40,7 +42,7 @@ def test_run_folder_has_everything(run):
     for name in ("config.json", "log.jsonl", "loss.png", "samples.png", "samples/step_0000150.png", "samples/step_0000300.png"):
         assert (run / name).is_file(), name
     assert [c.name for c in list_checkpoints(run)] == ["step_0000150", "step_0000300"]
-    assert json.loads((run / "config.json").read_text())["steps"] == 300
+    assert json.loads((run / "config.json").read_text())["run"]["steps"] == 300
     grid = Image.open(run / "samples.png")
     assert grid.size[0] >= 4 * 64  # 8x8 digits are enlarged so people can see them
 
@@ -67,14 +69,12 @@ def test_checkpoint_reloads_to_identical_outputs(tmp_path):
     net = UNet(ucfg)
     for p in net.parameters():  # non-trivial weights everywhere (the output layer starts at zero)
         torch.nn.init.normal_(p, std=0.05)
-    config = model_config(ucfg, prediction="v", schedule="cosine", timesteps=500, data={"name": "digits"})
+    parameterization = VPParameterization(make_schedule("cosine", 500), "v")
+    config = model_config(ucfg, parameterization=parameterization, data={"name": "digits"})
     save_checkpoint(tmp_path, 1, model=net, ema=net, config=config, state_tensors={}, state_json={})
     model = load_model(tmp_path, device="cpu")
     x, sigma = torch.randn(3, 1, 8, 8), torch.tensor([0.1, 1.0, 30.0])
-    from difflab.denoisers import Denoiser
-    from difflab.schedules import make_schedule
-
-    expected = Denoiser(net, make_schedule("cosine", 500), "v")(x, sigma)
+    expected = Denoiser(net, parameterization)(x, sigma)
     assert torch.equal(model.denoiser(x, sigma), expected)
 
 
@@ -111,7 +111,8 @@ def test_cli_train_and_sample(tmp_path, capsys):
     cfg.write_text("steps: 5\nbatch_size: 8\nsample_every: 0\nnum_samples: 2\nsample_steps: 2\nmodel:\n  base_channels: 16\n")
     assert main(["train", "--config", str(cfg), "--steps", "6", "--out", str(tmp_path), "--name", "yaml", "--quiet"]) == 0
     saved = json.loads((tmp_path / "yaml" / "config.json").read_text())
-    assert saved["steps"] == 6 and saved["batch_size"] == 8 and saved["model"] == {"base_channels": 16}
+    assert saved["run"]["steps"] == 6 and saved["run"]["batch_size"] == 8
+    assert saved["diffusion"]["model"] == {"base_channels": 16}
 
 
 def _one_line_error(capsys, argv, *fragments):
@@ -178,7 +179,7 @@ def test_every_sampler_runs_on_a_trained_model_and_reports_nfe(run, capsys):
     model = load_model(run, device="cpu")
     for name, info in SAMPLERS.items():
         stats = {}
-        images = difflab.generate(model.denoiser, model.image_shape, 3, sampler=name, steps=4, spacing="karras",
+        images = difflab.generate(model, 3, sampler=name, steps=4, spacing="karras",
                                   stats=stats)
         assert torch.isfinite(images).all() and images.abs().max() <= 1.0 + 1e-6, name
         if info.nfe is None:  # adaptive: as many as the tolerance needs, never more than the budget
@@ -193,20 +194,18 @@ def test_every_sampler_runs_on_a_trained_model_and_reports_nfe(run, capsys):
     _one_line_error(capsys, ["sample", str(run), "--sampler", "ddim", "--churn", "3"], "churn", "ddim")
 
 
-def test_ema_weights_stay_outside_autograd(tmp_path, monkeypatch):
-    import importlib
-
-    train_module = importlib.import_module("difflab.train")  # the module, not the function difflab.train
+def test_ema_weights_stay_outside_autograd(tmp_path):
+    from difflab.tasks import DiffusionTask
+    from difflab.training import loop
 
     seen = {}
-    original = train_module.save_checkpoint
 
-    def spy(*args, **kwargs):
-        seen["ema"] = kwargs["ema"]
-        return original(*args, **kwargs)
+    class EmaSpy(DiffusionTask):  # a fake objective injected into the loop: it records the EMA it is shown
+        def show(self, step, ema):
+            seen["ema"] = ema
+            super().show(step, ema)
 
-    monkeypatch.setattr(train_module, "save_checkpoint", spy)
-    difflab.train(steps=3, out=str(tmp_path), progress=False, batch_size=4, sample_every=0, num_samples=1,
+    loop.train(EmaSpy, steps=3, out=str(tmp_path), progress=False, batch_size=4, sample_every=0, num_samples=1,
                   sample_steps=1, model={"base_channels": 16})
     assert all(p.grad_fn is None and not p.requires_grad for p in seen["ema"].parameters())
 

@@ -3,7 +3,6 @@ and several processes (torchrun, gloo on CPU) training exactly like one."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -20,11 +19,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import difflab
-from difflab.checkpoint import list_checkpoints
 from difflab.cli import main
 from difflab.errors import DifflabError
+from difflab.tasks import DiffusionTask
+from difflab.training import loop
+from difflab.training.checkpoint import list_checkpoints
 
-train_module = importlib.import_module("difflab.train")
 TINY = dict(progress=False, batch_size=16, log_every=1, sample_every=0, num_samples=2, sample_steps=1, warmup=2,
             model={"base_channels": 16})
 
@@ -53,7 +53,7 @@ def test_resume_is_bit_identical_with_dropout_flips_and_labels(tmp_path):
 
 
 def test_failed_checkpoint_write_is_reported_and_training_continues(tmp_path, monkeypatch, capsys):
-    import difflab.checkpoint as ckpt
+    import difflab.training.checkpoint as ckpt
 
     original, calls = ckpt.save_file, {"n": 0}
 
@@ -85,20 +85,22 @@ def test_damaged_newest_checkpoint_is_skipped_and_resume_stays_exact(tmp_path, c
     assert _same(_weights(straight / final, "ema"), _weights(run / final, "ema"))
 
 
-def _inject_nan(monkeypatch, bad_calls: set[int]):
-    original, calls = train_module.denoising_loss, {"n": 0}
+def nan_task(bad_calls: set[int]) -> type[DiffusionTask]:
+    """Diffusion training whose loss turns NaN at the given calls (counted from 1): a fake objective injected
+    into the one training loop."""
+    calls = {"n": 0}
 
-    def loss(*args, **kwargs):
-        calls["n"] += 1
-        out = original(*args, **kwargs)
-        return out * float("nan") if calls["n"] in bad_calls else out
+    class NaNDiffusion(DiffusionTask):
+        def loss(self, net, batch):
+            calls["n"] += 1
+            out, metrics = super().loss(net, batch)
+            return (out * float("nan") if calls["n"] in bad_calls else out), metrics
 
-    monkeypatch.setattr(train_module, "denoising_loss", loss)
+    return NaNDiffusion
 
 
-def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path, monkeypatch, capsys):
-    _inject_nan(monkeypatch, {3, 4})
-    run = difflab.train(steps=6, checkpoint_every=1, keep=10, out=str(tmp_path), name="nan", **TINY)
+def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path, capsys):
+    run = loop.train(nan_task({3, 4}), steps=6, checkpoint_every=1, keep=10, out=str(tmp_path), name="nan", **TINY)
     rows = _rows(run)
     assert [r["skipped"] for r in rows] == [0, 0, 1, 2, 2, 2]
     assert rows[2]["loss"] is None and rows[4]["loss"] is not None
@@ -116,17 +118,15 @@ def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path, monkeypatch, 
     assert json.loads((ckpts / "step_0000004" / "state.json").read_text())["skipped"] == 2
 
 
-def test_k_non_finite_steps_in_a_row_stop_the_run_with_a_good_checkpoint(tmp_path, monkeypatch):
-    _inject_nan(monkeypatch, set(range(4, 100)))
+def test_k_non_finite_steps_in_a_row_stop_the_run_with_a_good_checkpoint(tmp_path):
     with pytest.raises(DifflabError, match="3 non-finite steps in a row") as err:
-        difflab.train(steps=50, max_bad_steps=3, checkpoint_every=100, out=str(tmp_path), name="div", **TINY)
+        loop.train(nan_task(set(range(4, 100))), steps=50, max_bad_steps=3, checkpoint_every=100, out=str(tmp_path), name="div", **TINY)
     assert "--resume" in str(err.value)
     run = tmp_path / "div"
     (checkpoint,) = list_checkpoints(run)
     assert checkpoint.name == "step_0000006"
     weights = _weights(checkpoint)
     assert all(torch.isfinite(v).all() for v in weights.values())
-    monkeypatch.undo()
     difflab.train(resume=run, steps=8, lr=1e-4, progress=False)  # a lower rate is allowed on resume
     assert [c.name for c in list_checkpoints(run)][-1] == "step_0000008"
 

@@ -7,13 +7,14 @@ Quickstart::
     images = difflab.sample(run, n=16, sampler="ddim", steps=50)  # (16, 1, 8, 8) in [0, 1]
 """
 
-from difflab.classifier import load_classifier, train_classifier
-from difflab.config import TrainConfig
-from difflab.denoisers import Denoiser
+from difflab.denoisers import Denoiser, EDMParameterization, VPParameterization
 from difflab.errors import DifflabError
-from difflab.pipeline import Model, generate, load_model, sample
-from difflab.train import train
+from difflab.generate import generate, sample
+from difflab.models import Model, NoisyClassifier, load, load_classifier, load_model
+from difflab.tasks import DiffusionConfig, NoisyClassifierConfig, train, train_classifier
+from difflab.training.config import RunConfig
 
 __version__ = "0.1.0"
-__all__ = ["Denoiser", "DifflabError", "Model", "TrainConfig", "generate", "load_classifier", "load_model", "sample",
-           "train", "train_classifier", "__version__"]
+__all__ = ["Denoiser", "DifflabError", "DiffusionConfig", "EDMParameterization", "Model", "NoisyClassifier",
+           "NoisyClassifierConfig", "RunConfig", "VPParameterization", "generate", "load", "load_classifier",
+           "load_model", "sample", "train", "train_classifier", "__version__"]

@@ -1,134 +1,241 @@
-"""The denoiser interface and the preconditioning that turns a raw network into one.
+"""The denoiser interface, and the parameterizations that turn a raw network into a denoiser.
 
-Every model is seen through ``D(x, sigma, cond) -> x0_hat`` in the sigma coordinates of Karras et al.
-2022 (EDM): a noisy image is ``x = x0 + sigma * eps``. A DDPM network trained on discrete timesteps fits
-this with (EDM Table 1, "VP" column, sigma_data = 1):
+Every model is seen through ``D(x, sigma, cond) -> x0_hat`` in the sigma coordinates of Karras et al. 2022
+(EDM): a noisy image is ``x = x0 + sigma * n``. A raw network F becomes a denoiser through preconditioning
+(EDM eq. 7):
 
-    D(x, sigma) = c_skip(sigma) * x + c_out(sigma) * F(c_in(sigma) * x, t(sigma))
+    D(x, sigma) = c_skip(sigma) * x + c_out(sigma) * F(c_in(sigma) * x, c_noise(sigma))
 
-    c_in  = 1 / sqrt(1 + sigma^2)     -> the network sees x_t = sqrt(abar_t) * x, as in DDPM
-    t     = the timestep whose sigma_t equals sigma (interpolated in log-sigma in between)
+A parameterization is one object that owns everything that depends on the family: c_skip, c_out, c_in and
+c_noise, the sigma range, the noise a sampler starts from, the distribution of sigma during training and the
+loss weight (EDM pairs VPPrecond with VPLoss and EDMPrecond with EDMLoss the same way). Two families:
 
-and the parameterization decides only c_skip and c_out:
+* :class:`VPParameterization` -- a DDPM network on a discrete schedule (EDM Table 1, "VP" column, sigma_data = 1):
+  c_in = 1 / sqrt(1 + sigma^2) (the network sees x_t = sqrt(abar_t) x), c_noise = the timestep of sigma, and
+  the prediction type decides c_skip and c_out:
 
-    eps-prediction  F = eps_hat:  x0 = x - sigma * eps_hat                      (DDPM eq. 15, in sigma coords)
-    x0-prediction   F = x0_hat:   x0 = F
-    v-prediction    F = v_hat:    x0 = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) * v_hat
-                                  (v = sqrt(abar) eps - sqrt(1 - abar) x0, Salimans & Ho 2022, §4)
+      eps  F = eps_hat:  x0 = x - sigma * eps_hat                        (DDPM eq. 15, in sigma coordinates)
+      x0   F = x0_hat:   x0 = F
+      v    F = v_hat:    x0 = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) * v_hat   (Salimans & Ho 2022, §4)
 
-Nothing outside :func:`preconditioning` branches on the prediction type.
+* :class:`EDMParameterization` -- Karras et al. 2022, Table 1 "Ours": continuous sigma, sigma_data scaling,
+  log-normal training sigma and the weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+
+Nothing outside a parameterization branches on the family or the prediction type.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from difflab.conditioning import Cond
 from difflab.errors import DifflabError
-from difflab.schedules import NoiseSchedule, sigma_to_t
+from difflab.schedules import NoiseSchedule, karras_sigmas, make_schedule, sampling_sigmas, sigma_to_t
+from difflab.tensors import append_dims, sigma_per_example
 
 PREDICTIONS = ("eps", "x0", "v")
+PARAMETERIZATIONS = ("vp", "edm")
 
 
 class DenoiserFn(Protocol):
     """Anything callable as ``D(x, sigma, cond) -> x0_hat``; sigma is a tensor of shape (N,)."""
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond = None) -> torch.Tensor: ...
 
 
-def preconditioning(sigma: torch.Tensor, prediction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(c_skip, c_out, c_in) for a DDPM-style network with the given prediction type (see module doc)."""
-    one = torch.ones_like(sigma)
-    c_in = (1 + sigma**2).rsqrt()
-    if prediction == "eps":
-        return one, -sigma, c_in
-    if prediction == "x0":
-        return torch.zeros_like(sigma), one, c_in
-    if prediction == "v":
-        return c_in**2, -sigma * c_in, c_in
-    raise DifflabError(f"unknown prediction type '{prediction}' (choose from {', '.join(PREDICTIONS)})")
+class Parameterization:
+    """What a family of diffusion models fixes besides the network (see the module doc). Subclasses define:"""
+
+    kind: str
+    sigma_min: float                 # the smallest and largest noise level the model knows
+    sigma_max: float
+    default_sampler: str             # what `difflab sample` uses when not told (the family's best)
+    default_spacing: str
+
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c_skip, c_out, c_in), each (N,), for noise levels sigma (N,)."""
+        raise NotImplementedError
+
+    def c_noise(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The noise level as the network sees it (N,) float32."""
+        raise NotImplementedError
+
+    def sample_sigma(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Training noise levels (n,) float32, drawn from ``generator``."""
+        raise NotImplementedError
+
+    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """lambda(sigma) (N,) of the one loss lambda(sigma) ||D(x0 + sigma n, sigma) - x0||^2."""
+        raise NotImplementedError
+
+    def sampling_sigmas(self, steps: int, spacing: str | None = None, rho: float = 7.0) -> torch.Tensor:
+        """A decreasing sigma grid (steps + 1,) float64 ending with 0."""
+        raise NotImplementedError
+
+    def prior_std(self, sigma_max: float) -> float:
+        """Standard deviation of the noise a sampler starts from at ``sigma_max``."""
+        raise NotImplementedError
+
+    def default_steps(self, sampler: str) -> int:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """JSON that rebuilds it (:func:`parameterization_from_config`)."""
+        raise NotImplementedError
+
+
+class VPParameterization(Parameterization):
+    """A DDPM-style network trained on the discrete timesteps of ``schedule`` with an eps, x0 or v target.
+
+    Training draws t ~ U{0..T-1} (DDPM Algorithm 1, line 3) and uses sigma_t; the loss weight makes the loss the
+    plain MSE of the network output (``weighting``, by default the prediction type itself):
+    eps: 1 / sigma^2 (the tutorial's ||eps - eps_theta||^2), x0: 1, v: (1 + sigma^2) / sigma^2 (||v - v_hat||^2)."""
+
+    kind = "vp"
+    default_sampler, default_spacing = "ddim", "uniform"
+
+    def __init__(self, schedule: NoiseSchedule, prediction: str = "eps", weighting: str | None = None):
+        if prediction not in PREDICTIONS:
+            raise DifflabError(f"unknown prediction type '{prediction}' (choose from {', '.join(PREDICTIONS)})")
+        weighting = weighting or prediction
+        if weighting not in PREDICTIONS:
+            raise DifflabError(f"unknown loss weighting '{weighting}' (choose from {', '.join(PREDICTIONS)})")
+        self.schedule, self.prediction, self.weighting = schedule, prediction, weighting
+        self.sigma_min, self.sigma_max = schedule.sigmas[0].item(), schedule.sigmas[-1].item()
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def scalings(self, sigma):
+        one = torch.ones_like(sigma)
+        c_in = (1 + sigma**2).rsqrt()
+        if self.prediction == "eps":
+            return one, -sigma, c_in
+        if self.prediction == "x0":
+            return torch.zeros_like(sigma), one, c_in
+        return c_in**2, -sigma * c_in, c_in  # v
+
+    def c_noise(self, sigma):
+        return sigma_to_t(sigma, self.schedule).to(torch.float32)  # the (interpolated) timestep of sigma
+
+    def sample_sigma(self, n, generator, device):
+        t = torch.randint(0, self.schedule.T, (n,), generator=generator, device=device)  # t ~ U{1..T}
+        return self._sigma_table(torch.device(device))[t]
+
+    def _sigma_table(self, device: torch.device) -> torch.Tensor:
+        if device not in self._tables:
+            self._tables[device] = self.schedule.sigmas.to(device=device, dtype=torch.float32)
+        return self._tables[device]
+
+    def loss_weight(self, sigma):
+        if self.weighting == "eps":
+            return sigma**-2
+        if self.weighting == "x0":
+            return torch.ones_like(sigma)
+        return (1 + sigma**2) / sigma**2  # v
+
+    def sampling_sigmas(self, steps, spacing=None, rho=7.0):
+        return sampling_sigmas(self.schedule, steps, spacing or self.default_spacing, rho)
+
+    def prior_std(self, sigma_max):
+        # a DDPM starts from x_T ~ N(0, I), i.e. x = x_T / sqrt(abar_T): std sqrt(1 + sigma_max^2)
+        return math.sqrt(1.0 + sigma_max**2)
+
+    def default_steps(self, sampler):
+        return self.schedule.T if sampler == "ddpm" else 50
+
+    def config(self):
+        return {"kind": self.kind, "prediction": self.prediction, "weighting": self.weighting,
+                "schedule": self.schedule.name, "timesteps": self.schedule.T}
+
+
+class EDMParameterization(Parameterization):
+    """Karras et al. 2022 ("EDM"), Table 1, column "Ours", with the data's scale ``sigma_data``:
+
+        c_skip = sigma_data^2 / (sigma^2 + sigma_data^2)         c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2)
+        c_in   = 1 / sqrt(sigma^2 + sigma_data^2)                c_noise = ln(sigma) / 4
+        ln(sigma) ~ N(P_mean, P_std^2) in training               lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2
+
+    These make the network's input and its training target unit-variance at every sigma (EDM Appendix B.6);
+    lambda makes the effective weight of the target's error 1. Sampling: Heun (EDM Algorithm 1) on the rho = 7
+    Karras grid between sigma_min and sigma_max, 18 steps (35 network evaluations), the paper's CIFAR-10 choice."""
+
+    kind = "edm"
+    default_sampler, default_spacing = "heun", "karras"
+
+    def __init__(self, sigma_data: float = 0.5, *, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 p_mean: float = -1.2, p_std: float = 1.2):
+        if not (math.isfinite(sigma_data) and sigma_data > 0):
+            raise DifflabError(f"sigma_data must be a positive number, got {sigma_data}")
+        if not 0 < sigma_min < sigma_max:
+            raise DifflabError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+        if not p_std > 0:
+            raise DifflabError(f"P_std must be positive, got {p_std}")
+        self.sigma_data, self.sigma_min, self.sigma_max = float(sigma_data), float(sigma_min), float(sigma_max)
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+
+    def scalings(self, sigma):
+        sd2 = self.sigma_data**2
+        total = sigma**2 + sd2
+        return sd2 / total, sigma * self.sigma_data * total.rsqrt(), total.rsqrt()
+
+    def c_noise(self, sigma):
+        return (sigma.log() / 4).to(torch.float32)
+
+    def sample_sigma(self, n, generator, device):
+        ln_sigma = torch.randn(n, generator=generator, device=device) * self.p_std + self.p_mean
+        return ln_sigma.exp()
+
+    def loss_weight(self, sigma):
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+    def sampling_sigmas(self, steps, spacing=None, rho=7.0):
+        spacing = spacing or self.default_spacing
+        if spacing != "karras":
+            raise DifflabError(f"spacing '{spacing}' picks timesteps of a discrete schedule, but this EDM model has "
+                               "continuous noise levels: use --spacing karras (the default)")
+        return karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
+
+    def prior_std(self, sigma_max):
+        return sigma_max  # EDM Algorithm 1, line 1: x_0 ~ N(0, sigma_max^2 I)
+
+    def default_steps(self, sampler):
+        return 18
+
+    def config(self):
+        return {"kind": self.kind, "sigma_data": self.sigma_data, "sigma_min": self.sigma_min,
+                "sigma_max": self.sigma_max, "p_mean": self.p_mean, "p_std": self.p_std}
+
+
+def parameterization_from_config(config: dict) -> Parameterization:
+    """Rebuild a parameterization from its :meth:`Parameterization.config` JSON (one-line errors)."""
+    config = dict(config)
+    kind = config.pop("kind", None)
+    try:
+        if kind == "vp":
+            schedule = make_schedule(config.pop("schedule"), config.pop("timesteps"))
+            return VPParameterization(schedule, **config)
+        if kind == "edm":
+            return EDMParameterization(**config)
+    except (KeyError, TypeError) as e:
+        raise DifflabError(f"the {kind} parameterization in the model config is incomplete or has unknown "
+                           f"fields: {e}") from None
+    raise DifflabError(f"unknown parameterization {kind!r} (choose from {', '.join(PARAMETERIZATIONS)})")
 
 
 class Denoiser(nn.Module):
-    """Wraps a raw network ``net(x_t, t, class_labels)`` trained on a discrete schedule as a denoiser.
+    """A raw network ``net(x, c_noise, cond)`` and a parameterization, seen as ``D(x, sigma, cond) -> x0_hat``.
 
-    The sampler arithmetic is float32; the network runs in its own dtype (e.g. under bf16 autocast).
-    """
+    The preconditioning arithmetic is float32; the network runs in its own dtype (e.g. under bf16 autocast)."""
 
-    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: str = "eps"):
+    def __init__(self, net: nn.Module, parameterization: Parameterization):
         super().__init__()
-        preconditioning(torch.zeros(1), prediction)  # validate early
-        self.net = net
-        self.schedule = schedule
-        self.prediction = prediction
+        self.net, self.parameterization = net, parameterization
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1).expand(x.shape[0])
-        c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in preconditioning(sigma, self.prediction))
-        t = sigma_to_t(sigma, self.schedule).to(torch.float32)  # (N,)
-        out = self.net(c_in * x, t, cond).to(torch.float32)  # (N, C, H, W)
-        return c_skip * x + c_out * out
-
-
-def gaussian_denoiser(mean: float, std: float) -> DenoiserFn:
-    """The exact denoiser for data x0 ~ N(mean, std^2) (every pixel independent):
-
-        D*(x, sigma) = E[x0 | x] = mean + std^2 / (std^2 + sigma^2) * (x - mean)
-
-    A reference with a known answer: samplers driven by it can be checked against :func:`gaussian_ode_solution`.
-    """
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
-        return mean + std**2 / (std**2 + sigma**2) * (x - mean)
-
-    return denoise
-
-
-def gaussian_ode_solution(x: torch.Tensor, sigma: float, sigma_next: float, mean: float, std: float) -> torch.Tensor:
-    """Exact solution of the probability-flow ODE dx/dsigma = (x - D*(x, sigma)) / sigma (EDM eq. 4)
-    for Gaussian data: x - mean scales with the marginal std sqrt(std^2 + sigma^2)."""
-    ratio = ((std**2 + sigma_next**2) / (std**2 + sigma**2)) ** 0.5
-    return mean + (x - mean) * ratio
-
-
-def gaussian_mixture_denoiser(means: torch.Tensor, std: float) -> DenoiserFn:
-    """Exact denoisers for a class-labelled mixture: class y has x0 ~ N(means[y], std^2 I), classes equally likely.
-
-    ``cond`` holds labels: label y < K gives the conditional denoiser ``means[y] + std^2 / (std^2 + sigma^2)
-    (x - means[y])``; label K (the "null" class) or ``cond=None`` the unconditional one, the average of the
-    conditional denoisers weighted by the class posterior p(y | x, sigma) (see :func:`gaussian_mixture_classifier`).
-    The reference for testing guidance: both halves of classifier-free guidance are known exactly."""
-    means = torch.as_tensor(means)
-    classify = gaussian_mixture_classifier(means, std)
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        k = means.shape[0]
-        mu = means.to(x)  # (K, C, H, W)
-        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0]).view(-1, 1, 1, 1, 1)
-        per_class = mu + std**2 / (std**2 + s**2) * (x.unsqueeze(1) - mu)  # (N, K, C, H, W)
-        post = torch.softmax(classify(x, sigma), dim=1).view(x.shape[0], k, 1, 1, 1)  # (N, K, 1, 1, 1)
-        uncond = (post * per_class).sum(1)  # (N, C, H, W)
-        if cond is None:
-            return uncond
-        cond = cond.to(x.device).long()
-        picked = per_class[torch.arange(x.shape[0], device=x.device), cond.clamp(max=k - 1)]  # (N, C, H, W)
-        return torch.where((cond == k).view(-1, 1, 1, 1), uncond, picked)
-
-    return denoise
-
-
-def gaussian_mixture_classifier(means: torch.Tensor, std: float):
-    """The exact noisy classifier of that mixture: logits log p_sigma(x | y) + const, since
-    x | y ~ N(means[y], (std^2 + sigma^2) I); softmax gives p(y | x, sigma). Differentiable in x."""
-    means = torch.as_tensor(means)
-
-    def logits(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        mu = means.to(x)
-        var = std**2 + torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0]) ** 2
-        dist2 = (x.unsqueeze(1) - mu).flatten(2).pow(2).sum(-1)  # (N, K)
-        return -dist2 / (2 * var.view(-1, 1))
-
-    return logits
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        sigma = sigma_per_example(sigma, x)  # (N,)
+        c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.parameterization.scalings(sigma))
+        out = self.net(c_in * x, self.parameterization.c_noise(sigma), cond).to(torch.float32)  # (N, C, H, W)
+        return c_skip * x + c_out * out  # EDM eq. 7

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from difflab.devices import resolve_device
 from difflab.errors import DifflabError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -69,8 +70,6 @@ def setup(device: str | torch.device = "auto", *, timeout_s: float = 1800.0) -> 
     collectives wait for a missing process. Raises a one-line :class:`DifflabError` for a half-set
     environment or a group that cannot be joined."""
     global _created_group
-    from difflab.pipeline import resolve_device
-
     device = resolve_device(device)
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -216,16 +215,6 @@ def main_first(fn, *, error_prefix: str = ""):
     return result
 
 
-def barrier() -> None:
-    """Wait until every process gets here."""
-    if not is_distributed():
-        return
-    if dist.get_backend() == "nccl":
-        dist.barrier(device_ids=[torch.cuda.current_device()])
-    else:
-        dist.barrier()
-
-
 def gather_shards(local: torch.Tensor, n: int) -> torch.Tensor:
     """The whole batch of ``n`` items, in order, on every rank, from each rank's contiguous shard
     (:func:`shard_range`). ``local`` is this rank's shard, ``(stop - start, ...)``; an empty shard still
@@ -242,23 +231,3 @@ def gather_shards(local: torch.Tensor, n: int) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
-
-
-def generate_sharded(denoiser, image_shape: tuple[int, int, int], n: int, *, seed: int = 0,
-                     cond: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """:func:`difflab.pipeline.generate` split across processes: each rank samples its shard of the ``n``
-    images (image i still from seed ``seed + i``) and every rank gets all ``n``, identical to one process
-    sampling them all. ``kwargs`` go to ``generate`` (sampler, steps, batch_size, ...)."""
-    from difflab.pipeline import generate
-
-    if n < 1:
-        raise DifflabError(f"the number of images must be at least 1, got {n}")
-    if cond is not None and len(cond) != n:
-        raise DifflabError(f"cond has {len(cond)} entries for {n} images")
-    start, stop = shard_range(n, rank(), world_size())
-    if stop > start:
-        local = generate(denoiser, image_shape, stop - start, seed=seed + start,
-                         cond=cond[start:stop] if cond is not None else None, **kwargs)
-    else:  # more processes than images: this one contributes nothing but must join the gather
-        local = torch.empty((0, *image_shape), device=next(denoiser.parameters()).device)
-    return gather_shards(local, n)

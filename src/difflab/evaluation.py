@@ -12,15 +12,22 @@ from pathlib import Path
 
 import torch
 
+from difflab import distributed
+from difflab.data import load_dataset, to_model_range
+from difflab.devices import autocast, resolve_device
 from difflab.errors import DifflabError
+from difflab.generate import generate_sharded
+from difflab.metrics import compute_features, evaluate_features, get_extractor, load_reference
+from difflab.metrics import save_reference as save_reference_file
+from difflab.metrics.domain import DOMAIN_EXTRACTORS
+from difflab.models import load_model, upgrade_config
+from difflab.training.checkpoint import REQUIRED_FILES, list_checkpoints, read_config, resolve_checkpoint
 
 DEFAULT_METRICS = ("fid", "kid", "pr")
 
 
 def default_features(dataset_name: str | None) -> str:
     """The shipped domain classifier for datasets that have one (offline), else the Inception network."""
-    from difflab.metrics.domain import DOMAIN_EXTRACTORS
-
     return dataset_name if dataset_name in DOMAIN_EXTRACTORS else "inception"
 
 
@@ -41,8 +48,6 @@ def is_reference(path: str) -> bool:
 
 def is_run(path: str) -> bool:
     """A run folder with a checkpoint, or a checkpoint folder."""
-    from difflab.checkpoint import REQUIRED_FILES, list_checkpoints
-
     p = Path(path)
     return bool(list_checkpoints(p)) or all((p / f).is_file() for f in REQUIRED_FILES)
 
@@ -50,8 +55,6 @@ def is_run(path: str) -> bool:
 def load_real_images(source: str, *, n: int | None, image_size: int | None, channels: int | None,
                      data_dir: str | None = None, split: str = "train", progress: bool = True) -> tuple[torch.Tensor, str]:
     """Real images in [-1, 1] from a dataset name or folder (the first ``n`` of a seeded shuffle)."""
-    from difflab.data import load_dataset, to_model_range
-
     if ":" in source and not Path(source).exists():  # "fashion-mnist:test"
         source, split = source.rsplit(":", 1)
     data = load_dataset(source, image_size=image_size, channels=channels, data_dir=data_dir, split=split, progress=progress)
@@ -65,15 +68,11 @@ def load_fake_images(source: str, *, n: int, progress: bool = True, device: str 
     """Generated images in [-1, 1]: sampled from a run/checkpoint (with the sampler options), or read from
     a folder. Returns the images and a dict describing where they came from."""
     if is_run(source):
-        from difflab import distributed
-        from difflab.pipeline import generate, load_model
-
         model = load_model(source, device=device)
         stats: dict = {}
-        sample_fn = distributed.generate_sharded if distributed.is_distributed() else generate  # under torchrun
-        with torch.autocast("cuda", torch.bfloat16, enabled=model.device.type == "cuda"):
-            images = sample_fn(model.denoiser, model.image_shape, n, progress=progress and distributed.is_main(),
-                               stats=stats, **sample_options)
+        with autocast(model.device):  # under torchrun every process samples a share
+            images = generate_sharded(model, n, progress=progress and distributed.is_main(), stats=stats,
+                                      **sample_options)
         return images.cpu(), {"run": str(source), "dataset": model.config["data"]["name"], "nfe": stats["nfe"],
                               **{k: v for k, v in sample_options.items() if v is not None}}
     images, name = load_real_images(source, n=n, image_size=None, channels=None, progress=progress)
@@ -85,17 +84,13 @@ def evaluate(real: str, fake: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS
              split: str = "train", save_reference: str | None = None, progress: bool = True,
              **sample_options) -> dict:
     """Metrics of ``fake`` against ``real`` on the features of one extractor; returns a JSON-able dict."""
-    from difflab.checkpoint import read_config, resolve_checkpoint
-    from difflab.metrics import compute_features, evaluate_features, get_extractor, load_reference, save_reference as save_ref
-    from difflab.pipeline import resolve_device
-
     device = resolve_device(device)
     # choose (and load) the feature extractor first: a bad name should fail before minutes of sampling
     ref = load_reference(real) if is_reference(real) else None
     if ref is not None and save_reference:
         raise DifflabError("--save-reference needs a dataset or folder as --real, not a saved reference")
     if is_run(fake):
-        dataset = read_config(resolve_checkpoint(fake))["data"]["name"]
+        dataset = upgrade_config(read_config(resolve_checkpoint(fake)))["data"]["name"]
     else:
         dataset = ref.info.get("dataset") if ref is not None else real.split(":")[0]
     if ref is not None:
@@ -103,8 +98,6 @@ def evaluate(real: str, fake: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS
     features = features or default_features(dataset)
     extractor = get_extractor(features, device=str(device), inception_weights=inception_weights)
     fake_images, fake_info = load_fake_images(fake, n=n, progress=progress, device=str(device), **sample_options)
-    from difflab import distributed
-
     if not distributed.is_main():  # under torchrun the processes shared the sampling; rank 0 measures
         return {}
     if ref is not None:
@@ -118,7 +111,7 @@ def evaluate(real: str, fake: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS
                                                   data_dir=data_dir, split=split, progress=progress)
         real_feats, _ = compute_features(extractor, real_images, progress=progress)
         if save_reference:
-            save_ref(save_reference, real_feats, extractor_name=extractor.name,
+            save_reference_file(save_reference, real_feats, extractor_name=extractor.name,
                      info={"dataset": real_name, "split": split, "n": len(real_feats), "features": features})
     fake_feats, fake_probs = compute_features(extractor, fake_images, progress=progress)
     result = evaluate_features(real_feats, fake_feats, fake_probs=fake_probs, metrics=metrics, real_stats=real_stats)
@@ -142,3 +135,20 @@ def format_table(result: dict) -> str:
     lines = [f"features: {result['features']}{note}", f"real: {result['real']}  fake: {result['fake']}"]
     lines += [f"  {name:<20} {value}" for name, value in rows]
     return "\n".join(lines)
+
+
+def make_evaluator(images: torch.Tensor, dataset_name: str, *, n: int, metrics: str, features: str | None,
+                   device: torch.device):
+    """For evaluation during training: the features of (up to) ``n`` real uint8 ``images``, computed once;
+    returns a function of generated images in [-1, 1] -> dict of metrics (the floats of :func:`evaluate_features`)."""
+    metrics = parse_metrics(metrics)
+    extractor = get_extractor(features or default_features(dataset_name), device=str(device))
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]
+    real_feats, _ = compute_features(extractor, to_model_range(images[idx.to(images.device)]), progress=False)
+
+    def evaluator(fake: torch.Tensor) -> dict:
+        fake_feats, fake_probs = compute_features(extractor, fake, progress=False)
+        result = evaluate_features(real_feats, fake_feats, fake_probs=fake_probs, metrics=metrics)
+        return {k: v for k, v in result.items() if isinstance(v, float)}
+
+    return evaluator

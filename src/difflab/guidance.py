@@ -6,8 +6,10 @@ import math
 
 import torch
 
+from difflab.conditioning import Cond, cond_cat, cond_expand, cond_to
 from difflab.denoisers import DenoiserFn
 from difflab.errors import DifflabError
+from difflab.tensors import append_dims, sigma_per_example
 
 
 def clip_x0(denoiser: DenoiserFn, low: float = -1.0, high: float = 1.0) -> DenoiserFn:
@@ -15,7 +17,7 @@ def clip_x0(denoiser: DenoiserFn, low: float = -1.0, high: float = 1.0) -> Denoi
 
     The sampler then derives its noise estimate from the clamped x0, so both stay consistent."""
 
-    def clipped(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def clipped(x: torch.Tensor, sigma: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         return denoiser(x, sigma, cond).clamp(low, high)
 
     return clipped
@@ -30,10 +32,10 @@ def dynamic_threshold(denoiser: DenoiserFn, percentile: float = 0.995, max_value
     if not 0.0 < percentile <= 1.0:
         raise DifflabError(f"the thresholding percentile must lie in (0, 1], got {percentile}")
 
-    def thresholded(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def thresholded(x: torch.Tensor, sigma: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         x0 = denoiser(x, sigma, cond)
         s = torch.quantile(x0.abs().flatten(1).float(), percentile, dim=1)  # (N,)
-        s = s.clamp(min=max_value).view(-1, *([1] * (x0.ndim - 1)))
+        s = append_dims(s.clamp(min=max_value), x0.ndim)
         return x0.clamp(-s, s) * (max_value / s)
 
     return thresholded
@@ -50,31 +52,32 @@ def dynamic_threshold(denoiser: DenoiserFn, percentile: float = 0.995, max_value
 # ---------------------------------------------------------------------------------------------------------
 
 
-def classifier_free_guidance(denoiser: DenoiserFn, scale: float, *, null_label: int, rescale: float = 0.0) -> DenoiserFn:
-    """Classifier-free guidance of a class-conditional denoiser trained with label dropout.
+def classifier_free_guidance(denoiser: DenoiserFn, scale: float, *, null_cond: Cond, rescale: float = 0.0) -> DenoiserFn:
+    """Classifier-free guidance of a conditional denoiser trained with condition dropout.
 
-    ``cond`` is a (N,) tensor of class labels; ``null_label`` is the label the model learned as "no class"
-    (``num_classes`` for difflab's U-Net). The conditional and unconditional estimates come from ONE network
-    call on a batch of 2N. ``rescale`` in [0, 1] is guidance rescale (Lin et al. 2024, "Common Diffusion Noise
-    Schedules and Sample Steps are Flawed", §3.4 eq. 15-16): the guided x0 is rescaled to the per-image standard
-    deviation of the conditional x0, then mixed with the plain guided x0 in proportion ``rescale``; it curbs the
-    over-saturation of large scales. Unlike the linear guidance step, the rescale depends on the space it acts in:
-    here it acts on the x0 estimate (what it is meant to protect: the image's contrast), where the paper and
-    diffusers apply it to the network output (v or eps), which contains x as well. Without labels (``cond=None``) the denoiser runs unconditionally."""
+    ``null_cond`` is the condition the model learned as "no condition", for one example (the conditioner's
+    ``null()``: the null class for class labels, the empty prompt for text). The conditional and unconditional
+    estimates come from ONE network call on a batch of 2N. ``rescale`` in [0, 1] is guidance rescale (Lin et al.
+    2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", §3.4 eq. 15-16): the guided x0 is
+    rescaled to the per-image standard deviation of the conditional x0, then mixed with the plain guided x0 in
+    proportion ``rescale``; it curbs the over-saturation of large scales. Unlike the linear guidance step, the
+    rescale depends on the space it acts in: here it acts on the x0 estimate (what it is meant to protect: the
+    image's contrast), where the paper and diffusers apply it to the network output (v or eps), which contains
+    x as well. Without a condition (``cond=None``) the denoiser runs unconditionally."""
     if not (math.isfinite(scale) and scale >= 0):
         raise DifflabError(f"the guidance scale must be a finite number >= 0, got {scale}")
     if not 0.0 <= rescale <= 1.0:
         raise DifflabError(f"guidance rescale must lie in [0, 1], got {rescale}")
 
-    def guided(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def guided(x: torch.Tensor, sigma: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         n = x.shape[0]
-        null = torch.full((n,), null_label, dtype=torch.long, device=x.device)
+        null = cond_to(cond_expand(null_cond, n), x.device)
         if cond is None:
             return denoiser(x, sigma, null)
         if scale == 1:  # exactly the conditional estimate (rescale then changes nothing): no unconditional half
             return denoiser(x, sigma, cond)
-        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(n)
-        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond.to(x.device), null]))
+        sigma = sigma_per_example(sigma, x, dtype=None)
+        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond_cat([cond_to(cond, x.device), null]))
         x0_cond, x0_uncond = both[:n], both[n:]
         x0 = x0_uncond + scale * (x0_cond - x0_uncond)  # (N, C, H, W)  Ho & Salimans eq. 6
         if rescale > 0:
@@ -107,23 +110,23 @@ def classifier_guidance(denoiser: DenoiserFn, classifier, scale: float = 1.0) ->
     """Guide an (unconditional) denoiser towards the classes in ``cond`` with a noise-aware classifier.
 
     ``classifier(x, sigma) -> logits (N, K)`` must take the same noisy ``x`` in sigma coordinates as the
-    denoiser (see :class:`difflab.classifier.NoisyClassifier`) and be differentiable in ``x``. The inner
+    denoiser (see :class:`difflab.models.NoisyClassifier`) and be differentiable in ``x``. The inner
     denoiser is called without a condition. With the exact log p(y | x) and ``scale=1`` the result is the
     exact class-conditional denoiser."""
     if not (math.isfinite(scale) and scale >= 0):
         raise DifflabError(f"the classifier guidance scale must be a finite number >= 0, got {scale}")
 
-    def guided(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def guided(x: torch.Tensor, sigma: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         x0 = denoiser(x, sigma, None)
         if cond is None or scale == 0:
             return x0
         dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 in exact-answer tests
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=dtype).reshape(-1).expand(x.shape[0])
+        sigma = sigma_per_example(sigma, x, dtype)
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             xg = x.detach().to(dtype).requires_grad_(True)
             log_p = torch.log_softmax(classifier(xg, sigma).to(dtype), dim=-1)  # (N, K)
             picked = log_p.gather(1, cond.to(x.device).long().view(-1, 1)).sum()
             (grad,) = torch.autograd.grad(picked, xg)  # (N, C, H, W)  grad_x log p_sigma(y | x)
-        return x0 + scale * sigma.view(-1, *([1] * (x.ndim - 1))) ** 2 * grad.to(x0.dtype)
+        return x0 + scale * append_dims(sigma, x.ndim) ** 2 * grad.to(x0.dtype)
 
     return guided

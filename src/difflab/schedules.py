@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from difflab.errors import DifflabError
+from difflab.tensors import append_dims
 
 # ---------------------------------------------------------------------------------------------------
 # Beta schedules. Each returns betas (T,) in float64.
@@ -117,14 +118,13 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: N
 
     ``t`` holds integer timesteps (N,). In sigma coordinates the same draw is ``x0 + sigma_t * noise``
     (see :func:`add_noise`), scaled by sqrt(abar_t)."""
-    abar = schedule.alphas_cumprod.to(x0.device)[t].to(x0.dtype)
-    abar = abar.view(-1, *([1] * (x0.ndim - 1)))
+    abar = append_dims(schedule.alphas_cumprod.to(x0.device)[t].to(x0.dtype), x0.ndim)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
 
 def add_noise(x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The forward process in sigma coordinates: x = x0 + sigma * noise (Karras et al. 2022, eq. 1)."""
-    return x0 + sigma.view(-1, *([1] * (x0.ndim - 1))) * noise
+    return x0 + append_dims(sigma, x0.ndim) * noise
 
 
 def sigma_to_t(sigma: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:

@@ -10,15 +10,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (N, C, H, W) -> uint8 (N, C, H, W)."""
-    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+from difflab.data import from_model_range
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """Images in [-1, 1] (N, C, H, W) -> PIL images (mode L for 1 channel, RGB for 3)."""
-    arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    arr = from_model_range(images.detach().cpu()).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
 
 
@@ -29,7 +26,7 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, min_c
     nrow = nrow or math.ceil(math.sqrt(n))
     ncol = math.ceil(n / nrow)
     scale = max(1, math.ceil(min_cell / max(h, w)))
-    cells = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    cells = from_model_range(images.detach().cpu()).permute(0, 2, 3, 1).numpy()
     cells = cells.repeat(scale, axis=1).repeat(scale, axis=2)
     H, W = h * scale, w * scale
     grid = np.full((ncol * (H + pad) + pad, nrow * (W + pad) + pad, c), 255, dtype=np.uint8)
@@ -46,13 +43,21 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     return path
 
 
-def plot_loss(log_path: str | Path, out_path: str | Path) -> Path | None:
-    """Draw ``loss.png`` from the JSONL training log (raw and smoothed loss, log scale)."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported when a plot is drawn: it is slow to import)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_loss(log_path: str | Path, out_path: str | Path) -> Path | None:
+    """Draw ``loss.png`` from the JSONL training log (raw and smoothed loss, log scale)."""
+    plt = _pyplot()
+    if not Path(log_path).is_file():  # nothing logged yet
+        return None
     all_rows = []
     for line in Path(log_path).read_text().splitlines():
         try:
@@ -87,3 +92,18 @@ def plot_loss(log_path: str | Path, out_path: str | Path) -> Path | None:
     fig.savefig(out_path)
     plt.close(fig)
     return Path(out_path)
+
+
+def plot_accuracy(rows: list[dict], chance: float, path: str | Path) -> Path:
+    """Draw a noise-aware classifier's held-out accuracy against the timestep (rows of t and accuracy)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot([r["t"] for r in rows], [r["accuracy"] for r in rows], "o-", label="held-out accuracy")
+    ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
+    ax.set(xlabel="timestep t (noise grows to the right)", ylabel="accuracy", ylim=(0, 1.02),
+           title="noise-aware classifier")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -10,7 +10,7 @@ generated images where the Inception-v3 weights of FID papers cannot be download
 trained on the same dataset against each other; it is a different number from the Inception FID that papers
 report (``extractor.comparable_to_papers`` is False and ``extractor.name`` says ``domain-<dataset>``).
 
-Each extractor is a :class:`difflab.nn.classifier.SmallClassifier` whose weights
+Each extractor is a :class:`difflab.nn.DomainClassifier` whose weights
 (``assets/classifier-<dataset>.safetensors``) and JSON (``assets/classifier-<dataset>.json``: config, class
 names, held-out accuracy, how it was trained) are written by ``benchmarks/train_domain_classifier.py``.
 Held-out data: Fashion-MNIST's official 10,000-image test split; for the 1,797 UCI digits, which have no
@@ -30,7 +30,7 @@ from torch import nn
 
 from difflab.data import ImageData, load_dataset
 from difflab.errors import DifflabError
-from difflab.nn.classifier import ClassifierConfig, SmallClassifier
+from difflab.nn.domain_classifier import DomainClassifier, DomainClassifierConfig
 
 DOMAIN_EXTRACTORS = ("digits", "fashion-mnist")
 DIGITS_TEST_SIZE = 360  # the last 20% of the 1,797 digits are held out; the first 1,437 train
@@ -65,7 +65,7 @@ def load_domain_split(dataset: str, split: str) -> ImageData:
 
 
 class DomainExtractor(nn.Module):
-    """A frozen :class:`SmallClassifier` behind the feature-extractor protocol of :mod:`difflab.metrics`.
+    """A frozen :class:`DomainClassifier` behind the feature-extractor protocol of :mod:`difflab.metrics`.
 
     Inputs are floats in [-1, 1], ``(N, C, H, W)`` with C = 1 or 3 and any H, W: RGB becomes luminance
     (BT.601), other sizes are resized to ``image_size`` (bilinear, antialiased), and the batch is moved to
@@ -76,7 +76,7 @@ class DomainExtractor(nn.Module):
 
     comparable_to_papers: bool = False  # domain features: never compare with Inception FID/IS from papers
 
-    def __init__(self, model: SmallClassifier, *, dataset: str, class_names: list[str], test_accuracy: float,
+    def __init__(self, model: DomainClassifier, *, dataset: str, class_names: list[str], test_accuracy: float,
                  batch_size: int = 500):
         super().__init__()
         self.model = model.requires_grad_(False)
@@ -167,7 +167,7 @@ def load_domain_extractor(dataset: str, device: str | torch.device = "cpu") -> D
         raise DifflabError(f"the {key} classifier files are missing from difflab/assets; reinstall difflab or run "
                            f"benchmarks/train_domain_classifier.py --datasets {key}")
     meta = json.loads(meta_file.read_text())
-    model = SmallClassifier(ClassifierConfig.from_dict(meta["config"]))
+    model = DomainClassifier(DomainClassifierConfig.from_dict(meta["config"]))
     model.load_state_dict(load_safetensors(weights_file.read_bytes()), strict=True)
     return DomainExtractor(model, dataset=key, class_names=meta["class_names"],
                            test_accuracy=meta["test_accuracy"]).to(device)

@@ -5,9 +5,9 @@
                               --> [up: (num_blocks + 1) x (concat skip, ResBlock [+ Attention]), Upsample] x levels
                               --> GroupNorm, SiLU, conv_out (zero-init) --> (N, out_channels, H, W)
 
-Every ResBlock sees the embedding ``MLP(sinusoid(t)) [+ class_embedding(label)]``. The network owns
-parameters only: it knows nothing about noise schedules or what its output means (eps, x0 or v); that is
-the preconditioning wrapper's job (``difflab.denoisers``). A checkpoint is its weights plus
+Every ResBlock sees the embedding ``MLP(sinusoid(c_noise)) [+ class_embedding(cond)]``. The network owns
+parameters only: it knows nothing about noise schedules or what its output means (eps, x0, v or EDM's F);
+that is the parameterization's job (``difflab.denoisers``). A checkpoint is its weights plus
 ``dataclasses.asdict(config)`` as JSON, which rebuilds it with ``UNet(UNetConfig(**json.load(f)))``.
 
 Zero-initialisation: conv_out, the second conv of every ResBlock and every attention output projection
@@ -141,10 +141,11 @@ class Level(nn.Module):
         self.resample = resample
 
 
-class UNetEncoder(nn.Module):
-    """The U-Net's first half: embedding, ``conv_in``, the down path and the middle. :class:`UNet` adds the up
-    path; :class:`EncoderClassifier` a pooling head. (Both inherit these modules under the same names, so the
-    state-dict keys of a U-Net are the same as if it were written in one class.)"""
+class ContractingPath(nn.Module):
+    """The U-Net's first half (Ronneberger et al.'s "contracting path"): embedding, ``conv_in``, the down path
+    and the middle. :class:`UNet` adds the expanding path; :class:`UNetClassifier` a pooling head. (Both inherit
+    these modules under the same names, so the state-dict keys of a U-Net are the same as if it were written in
+    one class.)"""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -180,24 +181,24 @@ class UNetEncoder(nn.Module):
         self.mid_block2 = ResBlock(ch, ch, **block)
         self.bottom_channels = ch
 
-    def embed(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        """Check the input and return the (N, 4 * base_channels) timestep [+ class] embedding."""
+    def embed(self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """Check the input and return the (N, 4 * base_channels) embedding of the noise level [+ class]."""
         c = self.config
         n, channels, height, width = x.shape
         if channels != c.in_channels or height % c.downsampling_factor or width % c.downsampling_factor:
             raise DifflabError(f"U-Net input of shape {tuple(x.shape)} does not fit the model: it needs "
                                f"{c.in_channels} channels and sides divisible by {c.downsampling_factor}")
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(n)  # (N,)
-        emb = self.time_mlp(timestep_embedding(t, c.base_channels))  # (N, E)
+        c_noise = torch.as_tensor(c_noise, device=x.device).reshape(-1).expand(n)  # (N,)
+        emb = self.time_mlp(timestep_embedding(c_noise, c.base_channels))  # (N, E)
         if self.class_embed is not None:
-            if class_labels is None:
-                class_labels = torch.full((n,), c.num_classes, dtype=torch.long, device=x.device)
-            emb = emb + self.class_embed(class_labels)  # (N, E)
-        elif class_labels is not None:
-            raise DifflabError("class labels were given to an unconditional U-Net (set num_classes in its config)")
+            if cond is None:  # no condition: the learned null class
+                cond = torch.full((n,), c.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.class_embed(cond)  # (N, E)
+        elif cond is not None:
+            raise DifflabError("a condition was given to an unconditional U-Net (set num_classes in its config)")
         return emb
 
-    def encode(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def contract(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Down path and middle: the bottom feature map and the skip tensors the up path consumes."""
         h = self.conv_in(x)  # (N, base, H, W)
         hs = [h]
@@ -215,12 +216,15 @@ class UNetEncoder(nn.Module):
         return h, hs
 
 
-class UNet(UNetEncoder):
-    """The diffusion U-Net: ``UNet(config)(x, t, class_labels) -> (N, out_channels, H, W)``.
+class UNet(ContractingPath):
+    """The diffusion U-Net: ``UNet(config)(x, c_noise, cond) -> (N, out_channels, H, W)``.
 
-    ``t`` is a float tensor of (possibly non-integer) timesteps, shape (N,) or a scalar. ``class_labels`` is
-    (N,) long or None; with ``num_classes`` set, None (or the label ``num_classes``) means the learned null
-    class that classifier-free guidance uses. See the module doc for the layout and the zero-initialisation.
+    ``c_noise`` is the noise level as the parameterization presents it (:mod:`difflab.denoisers`): a float
+    tensor (N,) or a scalar -- the (possibly non-integer) DDPM timestep for VP models, ln(sigma) / 4 for EDM.
+    ``cond`` is what the model is conditioned on (:mod:`difflab.conditioning`): class labels (N,) long, or None;
+    with ``num_classes`` set, None (or the label ``num_classes``) means the learned null class that
+    classifier-free guidance uses; the labels become a class embedding added to the noise-level embedding.
+    See the module doc for the layout and the zero-initialisation.
     """
 
     def __init__(self, config: UNetConfig):
@@ -243,9 +247,9 @@ class UNet(UNetEncoder):
         # Zero: the untrained network outputs exactly 0 (see the module doc).
         self.conv_out = zero_(nn.Conv2d(ch, c.out_channels or c.in_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(x, t, class_labels)  # (N, E)
-        h, hs = self.encode(x, emb)  # (N, ch, H / f, W / f) and the skips
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(x, c_noise, cond)  # (N, E)
+        h, hs = self.contract(x, emb)  # (N, ch, H / f, W / f) and the skips
         for level in self.up:
             for block, attn in zip(level.blocks, level.attns):
                 h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))  # (N, width, H_i, W_i)
@@ -255,11 +259,12 @@ class UNet(UNetEncoder):
         return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))  # (N, out_channels, H, W)
 
 
-class EncoderClassifier(UNetEncoder):
-    """A noise-aware classifier (Dhariwal & Nichol 2021, §4.1): the U-Net's encoder half, conditioned on the
-    timestep through the same embedding, with a pooling head: GroupNorm, SiLU, global average pool, linear.
+class UNetClassifier(ContractingPath):
+    """The network of a noise-aware classifier (Dhariwal & Nichol 2021, §4.1): the U-Net's contracting path,
+    conditioned on the noise level through the same embedding, with a pooling head: GroupNorm, SiLU, global
+    average pool, linear.
 
-    ``EncoderClassifier(config, num_outputs)(x_t, t) -> (N, num_outputs)`` logits of p(y | x_t, t)."""
+    ``UNetClassifier(config, num_outputs)(x_t, c_noise) -> (N, num_outputs)`` logits of p(y | x_t, t)."""
 
     def __init__(self, config: UNetConfig, num_outputs: int):
         if config.num_classes is not None:
@@ -269,8 +274,8 @@ class EncoderClassifier(UNetEncoder):
         self.norm_out = group_norm(self.bottom_channels, config.groups)
         self.head = nn.Linear(self.bottom_channels, num_outputs)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.embed(x, t, None)  # (N, E)
-        h, _ = self.encode(x, emb)  # (N, ch, H / f, W / f)
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        emb = self.embed(x, c_noise, None)  # (N, E)
+        h, _ = self.contract(x, emb)  # (N, ch, H / f, W / f)
         h = torch.nn.functional.silu(self.norm_out(h)).mean(dim=(2, 3))  # (N, ch)  global average pool
         return self.head(h)  # (N, num_outputs)

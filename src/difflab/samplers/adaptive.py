@@ -21,12 +21,15 @@ import torch
 
 from difflab.denoisers import DenoiserFn
 from difflab.errors import DifflabError
-from difflab.samplers.common import Callback, Generator, evaluate, prepare
+from difflab.samplers.common import Callback, Generator, denoise, prepare, register
 
 FAC_MIN, FAC_MAX = 0.2, 5.0  # bounds on how much one error estimate may shrink / grow the step (Hairer et al. II.4)
 H_MAX = 1.0  # longest step in lambda: sigma shrinks at most e-fold per step (see sample_adaptive)
 
 
+@register("adaptive", "adaptive-step DPM-Solver-12 with error control (Lu et al. 2022, Alg. 4); "
+          "--tol instead of --steps, never more than --max-nfe evaluations",
+          nfe=None, stochastic=False, order=2)
 @torch.no_grad()
 def sample_adaptive(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None,
                     generator: Generator = None, callback: Callback | None = None,
@@ -76,7 +79,7 @@ def sample_adaptive(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor,
     x0 = None  # D(x, sigma) at the current point, once evaluated
     while lam < lam_end:
         if x0 is None:
-            x0, nfe = evaluate(denoiser, x, sigma, cond, accepted, callback), nfe + 1
+            x0, nfe = denoise(denoiser, x, sigma, cond, accepted, callback), nfe + 1
         remaining = lam_end - lam
         affordable = (max_nfe - nfe - reserve + 1) // 2  # second-order steps the budget still pays for
         if affordable < 1:  # out of budget: a DDIM step to the end with the D already evaluated
@@ -91,7 +94,7 @@ def sample_adaptive(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor,
         sigma_mid = sigma.new_tensor(math.exp(-(lam + h / 2)))
         x_low = math.exp(-h) * x - math.expm1(-h) * x0  # DPM-Solver-1 = DDIM
         u = math.exp(-h / 2) * x - math.expm1(-h / 2) * x0
-        x0_mid, nfe = evaluate(denoiser, u, sigma_mid, cond, accepted, callback), nfe + 1
+        x0_mid, nfe = denoise(denoiser, u, sigma_mid, cond, accepted, callback), nfe + 1
         x_high = math.exp(-h) * x - math.expm1(-h) * x0_mid  # DPM-Solver++(2S), r1 = 1/2
         c, c_next = (1 + sigma**2).rsqrt(), (1 + sigma_next**2).rsqrt()  # to the VP scale x_t = x / sqrt(1 + sigma^2)
         scale = torch.maximum(c_next * x_low.abs(), c * x.abs()).mul(rtol).clamp_min(atol)
@@ -105,7 +108,7 @@ def sample_adaptive(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor,
         h = h * min(FAC_MAX, max(FAC_MIN, safety * max(err, 1e-12) ** -0.5))
     if denoise_last:  # the last step of every sampler here: sigma_min -> 0 is x = D(x, sigma_min)
         if x0 is None:
-            x0, nfe = evaluate(denoiser, x, sigma, cond, accepted, callback), nfe + 1
+            x0, nfe = denoise(denoiser, x, sigma, cond, accepted, callback), nfe + 1
         x = x0
     if stats is not None:
         stats.update(accepted=accepted, rejected=rejected, nfe=nfe)

@@ -17,6 +17,7 @@ comes from its own generator, so the same seed gives the same image at any batch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -40,7 +41,7 @@ def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
-def evaluate(denoiser: DenoiserFn, x: torch.Tensor, sigma: torch.Tensor, cond, i: int, callback) -> torch.Tensor:
+def denoise(denoiser: DenoiserFn, x: torch.Tensor, sigma: torch.Tensor, cond, i: int, callback) -> torch.Tensor:
     """One network evaluation at noise level ``sigma`` for the whole batch, reported to ``callback``."""
     x0 = denoiser(x, sigma.expand(x.shape[0]), cond).to(x.dtype)
     if callback is not None:
@@ -56,3 +57,45 @@ def prepare(x: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.
         raise DifflabError("a sigma grid must be 1-D, strictly decreasing and non-negative, with at least 2 entries")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.to(dtype), sigmas.to(device=x.device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The registry: each sampler module registers its functions with @register, so adding a sampler is one
+# function in one module; ``difflab samplers`` lists them in the order :mod:`difflab.samplers` imports them.
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    fn: Callable[..., torch.Tensor]
+    description: str
+    nfe: Callable[[int], int] | None  # network evaluations for a grid of N steps with default options (None: adaptive)
+    stochastic: bool
+    order: int  # convergence order as an ODE solver (0 for samplers that are SDE solvers)
+
+
+SAMPLERS: dict[str, SamplerInfo] = {}
+
+
+def register(name: str, description: str, *, nfe: Callable[[int], int] | None, stochastic: bool, order: int):
+    """Decorator: make a sampler function known by ``name`` (to `difflab sample --sampler` and :func:`get_sampler`)."""
+
+    def add(fn):
+        SAMPLERS[name] = SamplerInfo(fn, description, nfe, stochastic, order)
+        return fn
+
+    return add
+
+
+def one_per_step(n: int) -> int:
+    return n
+
+
+def two_per_step(n: int) -> int:
+    return 2 * n - 1  # the last step (to sigma = 0) is a plain Euler step
+
+
+def get_sampler(name: str) -> Callable[..., torch.Tensor]:
+    """Look a sampler up by name, with a clear error listing the choices."""
+    if name not in SAMPLERS:
+        raise DifflabError(f"unknown sampler '{name}' (choose from {', '.join(SAMPLERS)}; `difflab samplers` describes them)")
+    return SAMPLERS[name].fn

@@ -14,10 +14,13 @@ from __future__ import annotations
 import torch
 
 from difflab.denoisers import DenoiserFn
-from difflab.samplers.common import Callback, Generator, prepare, evaluate
+from difflab.samplers.common import Callback, Generator, denoise, one_per_step, prepare, register, two_per_step
 from difflab.samplers.ddpm import sample_ddim
+from difflab.samplers.stochastic import sample_dpmpp_2m_sde
 
 
+@register("euler", "Euler on the probability-flow ODE (= DDIM, eta=0)",
+          nfe=one_per_step, stochastic=False, order=1)
 def sample_euler(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None,
                  generator: Generator = None, callback: Callback | None = None) -> torch.Tensor:
     """Euler's method, x' = x + (sigma' - sigma) (x - D) / sigma (Karras Alg. 1 without line 9-11).
@@ -26,6 +29,8 @@ def sample_euler(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *,
     return sample_ddim(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, eta=0.0)
 
 
+@register("heun", "Heun's 2nd-order method (Karras et al. 2022, Alg. 1); 2 NFE per step",
+          nfe=two_per_step, stochastic=False, order=2)
 @torch.no_grad()
 def sample_heun(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None,
                 generator: Generator = None, callback: Callback | None = None) -> torch.Tensor:
@@ -34,16 +39,18 @@ def sample_heun(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, 
     x, sigmas = prepare(x, sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        d = (x - evaluate(denoiser, x, sigma, cond, i, callback)) / sigma  # dx/dsigma at sigma   (Alg. 1 l. 4)
+        d = (x - denoise(denoiser, x, sigma, cond, i, callback)) / sigma  # dx/dsigma at sigma   (Alg. 1 l. 4)
         x_euler = x + (sigma_next - sigma) * d  # (Alg. 1, line 5)
         if sigma_next == 0:
             x = x_euler
             continue
-        d_next = (x_euler - evaluate(denoiser, x_euler, sigma_next, cond, i, callback)) / sigma_next  # (l. 9)
+        d_next = (x_euler - denoise(denoiser, x_euler, sigma_next, cond, i, callback)) / sigma_next  # (l. 9)
         x = x + (sigma_next - sigma) * (d + d_next) / 2  # (Alg. 1, line 10)
     return x
 
 
+@register("dpmpp_2m", "DPM-Solver++(2M), 2nd-order multistep (Lu et al. 2022)",
+          nfe=one_per_step, stochastic=False, order=2)
 def sample_dpmpp_2m(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None,
                     generator: Generator = None, callback: Callback | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction, one evaluation per step.
@@ -52,11 +59,11 @@ def sample_dpmpp_2m(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor,
         x' = (sigma' / sigma) x - (e^{-h} - 1) D_hat,   D_hat = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},  r = h_{i-1} / h.
     The first step, and the last one (sigma' = 0, h infinite), are first order (= DDIM). This is the
     SDE variant with eta = 0, so one loop serves both (:func:`difflab.samplers.stochastic.sample_dpmpp_2m_sde`)."""
-    from difflab.samplers.stochastic import sample_dpmpp_2m_sde
-
     return sample_dpmpp_2m_sde(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, eta=0.0)
 
 
+@register("dpmpp_3m", "DPM-Solver++(3M), 3rd-order multistep (Lu et al. 2022)",
+          nfe=one_per_step, stochastic=False, order=3)
 @torch.no_grad()
 def sample_dpmpp_3m(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None,
                     generator: Generator = None, callback: Callback | None = None) -> torch.Tensor:
@@ -78,7 +85,7 @@ def sample_dpmpp_3m(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor,
     history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (D, lambda) of earlier steps, newest first
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = evaluate(denoiser, x, sigma, cond, i, callback)
+        x0 = denoise(denoiser, x, sigma, cond, i, callback)
         if sigma_next == 0:
             x = x0
             break

@@ -16,7 +16,17 @@ import torch
 
 from difflab.denoisers import DenoiserFn
 from difflab.errors import DifflabError
-from difflab.samplers.common import Callback, Generator, evaluate, prepare, randn_like
+from difflab.samplers.common import (
+    Callback,
+    Generator,
+    denoise,
+    get_sampler,
+    prepare,
+    randn_like,
+    register,
+    two_per_step,
+)
+from difflab.tensors import append_dims
 
 
 @torch.no_grad()
@@ -30,14 +40,16 @@ def langevin_correct(denoiser: DenoiserFn, x: torch.Tensor, sigma: torch.Tensor,
     with the norms taken per image over all its pixels (Song et al.'s code averages them over the batch; per
     image keeps "same seed, same image" at any batch size). ``snr`` is the paper's r (0.16 for CIFAR-10 VE)."""
     for _ in range(steps):
-        score = (evaluate(denoiser, x, sigma, cond, step_index, callback) - x) / sigma**2
+        score = (denoise(denoiser, x, sigma, cond, step_index, callback) - x) / sigma**2
         z = randn_like(x, generator)
-        z_norm, s_norm = (t.flatten(1).norm(dim=1).view(-1, *([1] * (x.ndim - 1))) for t in (z, score))
+        z_norm, s_norm = (append_dims(t.flatten(1).norm(dim=1), x.ndim) for t in (z, score))
         eps = torch.where(s_norm > 0, 2 * (snr * z_norm / s_norm.clamp_min(1e-30)) ** 2, torch.zeros_like(s_norm))
         x = x + eps * score + (2 * eps).sqrt() * z
     return x
 
 
+@register("pc", "predictor-corrector: any predictor + Langevin corrector steps (Song et al. 2021, Alg. 4/5)",
+          nfe=two_per_step, stochastic=True, order=0)
 @torch.no_grad()
 def sample_pc(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None,
               generator: Generator = None, callback: Callback | None = None,
@@ -54,8 +66,6 @@ def sample_pc(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, co
     their history this way and act as their first-order step (= DDIM). Evaluations: the predictor's plus
     ``corrector_steps`` per step to a non-zero sigma'.
     """
-    from difflab.samplers import get_sampler  # here, not at the top: the registry imports this module
-
     if int(corrector_steps) != corrector_steps or corrector_steps < 0:
         raise DifflabError(f"corrector_steps must be a non-negative integer, got {corrector_steps}")
     if not snr > 0:

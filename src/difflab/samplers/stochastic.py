@@ -13,10 +13,21 @@ import torch
 
 from difflab.denoisers import DenoiserFn
 from difflab.errors import DifflabError
-from difflab.samplers.common import Callback, Generator, prepare, evaluate, randn_like
+from difflab.samplers.common import (
+    Callback,
+    Generator,
+    denoise,
+    one_per_step,
+    prepare,
+    randn_like,
+    register,
+    two_per_step,
+)
 from difflab.samplers.ddpm import sample_ddim
 
 
+@register("euler_ancestral", "Euler-ancestral (k-diffusion; = DDIM with eta=1)",
+          nfe=one_per_step, stochastic=True, order=0)
 def sample_euler_ancestral(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None,
                            generator: Generator = None, callback: Callback | None = None,
                            eta: float = 1.0) -> torch.Tensor:
@@ -28,6 +39,8 @@ def sample_euler_ancestral(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.
     return sample_ddim(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, eta=eta)
 
 
+@register("edm", "stochastic EDM sampler with churn (Karras et al. 2022, Alg. 2)",
+          nfe=two_per_step, stochastic=True, order=0)
 @torch.no_grad()
 def sample_edm(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None,
                generator: Generator = None, callback: Callback | None = None,
@@ -49,16 +62,18 @@ def sample_edm(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, c
         sigma_hat = sigma * (1 + gamma)
         if gamma > 0:
             x = x + (sigma_hat**2 - sigma**2).sqrt() * s_noise * randn_like(x, generator)  # (Alg. 2, l. 6)
-        d = (x - evaluate(denoiser, x, sigma_hat, cond, i, callback)) / sigma_hat  # (l. 7)
+        d = (x - denoise(denoiser, x, sigma_hat, cond, i, callback)) / sigma_hat  # (l. 7)
         x_euler = x + (sigma_next - sigma_hat) * d  # (l. 8)
         if sigma_next == 0:
             x = x_euler
             continue
-        d_next = (x_euler - evaluate(denoiser, x_euler, sigma_next, cond, i, callback)) / sigma_next  # (l. 10)
+        d_next = (x_euler - denoise(denoiser, x_euler, sigma_next, cond, i, callback)) / sigma_next  # (l. 10)
         x = x + (sigma_next - sigma_hat) * (d + d_next) / 2  # (l. 11)
     return x
 
 
+@register("dpmpp_2m_sde", "DPM-Solver++(2M) SDE variant; eta=1 solves the reverse SDE",
+          nfe=one_per_step, stochastic=True, order=0)
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None,
                         generator: Generator = None, callback: Callback | None = None,
@@ -75,7 +90,7 @@ def sample_dpmpp_2m_sde(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Ten
     old_x0, h_last = None, None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = evaluate(denoiser, x, sigma, cond, i, callback)
+        x0 = denoise(denoiser, x, sigma, cond, i, callback)
         if sigma_next == 0:
             x = x0
             break

@@ -4,6 +4,7 @@ A checkpoint is a folder ``checkpoints/step_NNNNNNN/`` holding
 
     model.safetensors   the raw network weights
     ema.safetensors     the exponential moving average of the weights (used for sampling)
+    ema_*.safetensors   further moving averages, when a task keeps more than one
     state.safetensors   optimizer moments and random-number-generator states (tensors only)
     state.json          step counter, optimizer hyperparameters, anything else that is not a tensor
     config.json         everything needed to rebuild the model (network config, schedule, prediction, data shape)
@@ -27,6 +28,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from difflab.errors import DifflabError
@@ -128,13 +130,15 @@ def save_checkpoint(
     state_tensors: dict[str, torch.Tensor],
     state_json: dict,
     keep: int = 3,
+    extra_weights: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoints/step_<step>`` atomically, then prune all but the newest ``keep``.
 
     Raises :class:`CheckpointWriteError` (a :class:`DifflabError`) when the disk lacks room or the write
     fails; the temporary folder is removed and every earlier checkpoint is left as it was, so a training
     loop can warn and carry on. ``keep`` counts the new checkpoint; only checkpoints of earlier steps
-    are pruned, and only after the new one is complete (``keep <= 0`` keeps everything)."""
+    are pruned, and only after the new one is complete (``keep <= 0`` keeps everything). ``extra_weights``
+    are further modules saved as ``<name>.safetensors`` (e.g. ``ema_target``)."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-step_{step:07d}"
@@ -142,6 +146,7 @@ def save_checkpoint(
         "model.safetensors": model.state_dict(),
         "ema.safetensors": ema.state_dict(),
         "state.safetensors": state_tensors,
+        **{f"{name}.safetensors": module.state_dict() for name, module in (extra_weights or {}).items()},
     }
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -262,8 +267,9 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(checkpoint: Path, which: str = "ema") -> dict[str, torch.Tensor]:
-    """Load ``model`` or ``ema`` weights from a checkpoint folder."""
-    if which not in ("model", "ema"):
+    """Load ``model``, ``ema`` (or a further ``ema_*``) weights from a checkpoint folder."""
+    extra = which.startswith("ema_") and (Path(checkpoint) / f"{which}.safetensors").is_file()
+    if which not in ("model", "ema") and not extra:
         raise DifflabError(f"weights must be 'ema' or 'model', got '{which}'")
     return load_tensors(Path(checkpoint) / f"{which}.safetensors")
 
@@ -280,11 +286,10 @@ def load_training_state(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict
 
 def latest_valid_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint whose files all read back; damaged ones are reported and skipped."""
-    from safetensors import safe_open
-
     for checkpoint in reversed(list_checkpoints(run_dir)):
         try:
-            for name in ("model.safetensors", "ema.safetensors", "state.safetensors"):
+            extra = {p.name for p in checkpoint.glob("*.safetensors")}
+            for name in sorted({"model.safetensors", "ema.safetensors", "state.safetensors"} | extra):
                 if _sniff(checkpoint / name) == "pickle":
                     raise DifflabError(f"{name} is a pickle, not safetensors; difflab never loads pickles")
                 with safe_open(str(checkpoint / name), framework="pt") as f:

@@ -1,4 +1,5 @@
-"""A small image classifier whose penultimate layer serves as a domain feature extractor.
+"""The domain classifier: a small image classifier whose penultimate layer serves as a feature extractor for
+sample-quality metrics on datasets without Inception weights.
 
     x (N, C, H, W) in [-1, 1]
       --> stage 0: blocks[0] x (conv3x3, BatchNorm, ReLU) at H x W
@@ -15,7 +16,7 @@ other, never with Inception FID in papers (see :mod:`difflab.metrics.domain`).
 BatchNorm rather than GroupNorm: it trains these small nets faster and in eval mode it is a fixed per-channel
 affine map, so a feature never depends on the other images in the batch. A checkpoint is the weights
 (safetensors) plus ``config.to_dict()`` as JSON, which rebuilds the module with
-``SmallClassifier(ClassifierConfig.from_dict(d))``.
+``DomainClassifier(DomainClassifierConfig.from_dict(d))``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from difflab.errors import DifflabError
 
 
 @dataclass(frozen=True)
-class ClassifierConfig:
-    """Everything needed to rebuild a :class:`SmallClassifier`; round-trips through JSON
-    (``ClassifierConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c``)."""
+class DomainClassifierConfig:
+    """Everything needed to rebuild a :class:`DomainClassifier`; round-trips through JSON
+    (``DomainClassifierConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c``)."""
 
     image_size: int                      # input side (square); inputs of other sizes are resized by the extractor
     in_channels: int = 1                 # image channels the network sees (the extractor turns RGB into luminance)
@@ -52,7 +53,7 @@ class ClassifierConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> ClassifierConfig:
+    def from_dict(cls, d: dict) -> DomainClassifierConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`DifflabError`."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -61,7 +62,7 @@ class ClassifierConfig:
         return cls(**d)
 
 
-def _validate(c: ClassifierConfig) -> None:
+def _validate(c: DomainClassifierConfig) -> None:
     """Raise a one-line :class:`DifflabError` for a config that cannot build a sensible network."""
     for name in ("image_size", "in_channels", "num_classes", "feature_dim"):
         value = getattr(c, name)
@@ -92,11 +93,11 @@ class ConvBlock(nn.Sequential):
         )
 
 
-class SmallClassifier(nn.Module):
+class DomainClassifier(nn.Module):
     """A compact CNN: conv stages with 2x2 max-pooling between them, global average pooling, a ReLU
     feature layer and a linear head. Inputs are floats in [-1, 1] at ``config.image_size``."""
 
-    def __init__(self, config: ClassifierConfig):
+    def __init__(self, config: DomainClassifierConfig):
         super().__init__()
         self.config = config
         layers: list[nn.Module] = []

@@ -1,10 +1,15 @@
-"""What training loops share: run folders, a stateless data order, the log, and graceful interruption.
-Used by :mod:`difflab.train` (diffusion models) and :mod:`difflab.classifier` (noise-aware classifiers)."""
+"""The parts of a run the training loop keeps outside itself: run folders, a stateless data order, per-step
+seeds, the learning-rate schedule, the log, and graceful interruption."""
 
 from __future__ import annotations
 
 import functools
 import json
+import math
+import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -20,8 +25,6 @@ def prepare_run_dir(cfg, overwrite: bool, suffix: str = "") -> Path:
     run = out / base
     if run.exists() and any(run.iterdir()):
         if overwrite:
-            import shutil
-
             shutil.rmtree(run)
         elif cfg.name is None:
             k = 2
@@ -82,9 +85,13 @@ def restore_noise_generator(gen: torch.Generator, tensors: dict, meta: dict, see
         gen.manual_seed(seed + 1 + meta["step"])
 
 
-def learning_rate(step: int, cfg) -> float:
-    """Linear warm-up to the peak rate, then constant (as in DDPM)."""
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+def learning_rate(step: int, run) -> float:
+    """Linear warm-up to the peak rate ``run.lr`` over ``run.warmup`` steps, then constant (as in DDPM) or, with
+    ``run.lr_schedule == "cosine"``, a half cosine down to 0 at ``run.steps`` (Loshchilov & Hutter 2017)."""
+    if step < run.warmup or run.lr_schedule == "constant":
+        return run.lr * min(1.0, (step + 1) / max(1, run.warmup))
+    progress = (step - run.warmup) / max(1, run.steps - run.warmup)
+    return run.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class GracefulStop:
@@ -94,9 +101,6 @@ class GracefulStop:
     while a person pressing Ctrl-C again takes longer."""
 
     def __init__(self, quiet: bool = False, grace: float = 1.0):
-        import signal
-        import threading
-
         self.requested, self.quiet, self.grace, self._first = False, quiet, grace, 0.0
         self._old = {}
         if threading.current_thread() is threading.main_thread():
@@ -104,8 +108,6 @@ class GracefulStop:
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        import time
-
         if self.requested:
             if time.monotonic() - self._first > self.grace:
                 raise KeyboardInterrupt
@@ -115,8 +117,6 @@ class GracefulStop:
             print("\nstopping after this step and saving a checkpoint (press Ctrl-C again to quit at once)")
 
     def restore(self):
-        import signal
-
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 

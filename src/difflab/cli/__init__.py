@@ -1,0 +1,50 @@
+"""The ``difflab`` command line: thin, it only parses arguments and calls the library.
+
+    difflab train / train-classifier    one command per training task (cli/train.py, from difflab.tasks.TASKS)
+    difflab sample / samplers           cli/sample.py
+    difflab eval                        cli/evaluate.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+from difflab import __version__
+from difflab.cli import evaluate, sample, train
+from difflab.errors import DifflabError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="difflab", description="Denoising diffusion models: train, sample, evaluate.",
+                                     epilog="run 'difflab COMMAND --help' for the options of each command")
+    parser.add_argument("--version", action="version", version=f"difflab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train.add_parsers(sub)
+    sample.add_parser(sub)
+    sample.add_samplers_parser(sub)
+    evaluate.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    rank = os.environ.get("RANK", "0")  # under torchrun only rank 0 talks; the others report their own errors
+    try:
+        if rank != "0":
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                return args.handler(args)
+        return args.handler(args)
+    except DifflabError as e:
+        if rank == "0" or not e.all_ranks:
+            print(f"difflab: error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("difflab: interrupted", file=sys.stderr)
+        return 130

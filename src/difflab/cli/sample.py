@@ -1,0 +1,192 @@
+"""``difflab sample`` (generate images from a trained model) and ``difflab samplers`` (list the samplers)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from difflab import distributed
+from difflab.conditioning import cond_len, cond_repeat_interleave, parse_classes
+from difflab.devices import autocast
+from difflab.errors import DifflabError
+from difflab.generate import generate_sharded
+from difflab.models import Model, load_classifier, load_model
+from difflab.samplers import SAMPLERS
+from difflab.viz import save_grid, to_pil
+
+EPILOG_SAMPLE = """examples:
+  difflab sample runs/digits                               # DDIM, 50 steps, 64 images -> runs/digits/generated/
+  difflab sample runs/digits --sampler ddpm -n 16 --seed 3   # the full 1000-step ancestral chain
+  difflab sample runs/digits --sampler ddim --steps 20 --eta 0.5 --individual --out pics/
+  difflab sample runs/digits --sampler dpmpp_2m --steps 15 --spacing karras
+  difflab sample runs/digits --sampler heun --steps 10 --threshold 0.995
+  difflab samplers                                         # every sampler, its cost and what it is
+
+class-conditional models (difflab train --conditional) and guidance:
+  difflab sample runs/digits-cond                          # one row per class, guidance scale 3
+  difflab sample runs/digits-cond --class 3 --guidance-scale 3.0 -n 16
+  difflab sample runs/fashion-mnist --class sandal,bag --guidance-scale 5 --guidance-rescale 0.7
+  difflab sample runs/digits --classifier runs/digits-classifier --class all --classifier-scale 2
+guidance scale w: 0 = unconditional, 1 = conditional, >1 trades diversity for fidelity.
+
+DDIM with eta = 0 is deterministic (Euler on the probability-flow ODE); eta = 1 is DDPM's ancestral step.
+The same --seed gives the same images whatever the batch size; image i uses seed + i."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate images from a trained model",
+                       description="Generate images from a run folder or checkpoint (EMA weights by default) "
+                       "with any sampler; prints the network evaluations (NFE) and the time per image.",
+                       epilog=EPILOG_SAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run folder (its newest checkpoint) or a checkpoint folder")
+    p.add_argument("--sampler", default=None, help="a sampler from `difflab samplers` (default: the model's: ddim for "
+                   "DDPM-style models, heun for EDM)")
+    p.add_argument("--steps", type=int, default=None, help="grid steps (default: the model's: T for ddpm, 50 otherwise; "
+                   "18 for EDM; NFE can differ)")
+    p.add_argument("--spacing", default=None, choices=["uniform", "trailing", "leading", "karras"],
+                   help="the sigma grid: a subsequence of the model's timesteps, or Karras et al.'s rho=7 spacing "
+                        "(default: the model's: uniform for DDPM-style models, karras for EDM)")
+    p.add_argument("--rho", type=float, default=7.0, help="karras spacing: rho (default: 7)")
+    options = p.add_argument_group("sampler options (each applies to the samplers that take it)")
+    options.add_argument("--eta", type=float, help="noise re-injection in [0, 1]: ddim, euler_ancestral, dpmpp_2m_sde")
+    options.add_argument("--variance", choices=["posterior", "beta"], help="ddpm step variance: beta~_t or beta_t")
+    options.add_argument("--churn", type=float, help="edm: S_churn, how much noise is added back per step")
+    options.add_argument("--tol", type=float, dest="rtol", help="adaptive: relative error tolerance instead of --steps")
+    options.add_argument("--max-nfe", type=int, help="adaptive: never use more network evaluations than this")
+    options.add_argument("--predictor", help="pc: the predictor sampler (default: euler)")
+    options.add_argument("--corrector-steps", type=int, help="pc: Langevin corrector steps after each predictor step")
+    options.add_argument("--snr", type=float, help="pc: signal-to-noise ratio that sets the Langevin step size")
+    guidance = p.add_argument_group("classes and guidance")
+    guidance.add_argument("--class", dest="classes", metavar="CLASS",
+                          help="class index or name, a comma list, or 'all' (default for a class-conditional model: all, "
+                               "one row per class)")
+    guidance.add_argument("--guidance-scale", type=float, default=None, metavar="W",
+                          help="classifier-free guidance scale: 0 = unconditional, 1 = conditional, >1 = stronger "
+                               "(default for a class-conditional model: 3)")
+    guidance.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                          help="guidance rescale in [0, 1] (Lin et al. 2024) against over-saturation at large scales")
+    guidance.add_argument("--classifier", metavar="RUN",
+                          help="classifier guidance with this noise-aware classifier (difflab train-classifier)")
+    guidance.add_argument("--classifier-scale", type=float, default=1.0, metavar="S",
+                          help="classifier guidance scale (default: 1, the plain conditional score)")
+    p.add_argument("-n", "--num", type=int, default=None,
+                   help="how many images (default: 64), or images per class when classes are sampled (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per network call (default: 256)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/generated)")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="write one grid PNG (default: on)")
+    p.add_argument("--individual", action="store_true", help="also write one PNG per image")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
+    p.add_argument("--no-clip", action="store_true", help="do not clamp the x0 estimate to [-1, 1]")
+    p.add_argument("--threshold", type=float, default=None, metavar="PERCENTILE",
+                   help="dynamic thresholding of the x0 estimate at this percentile, e.g. 0.995 (Imagen)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run_sample)
+
+
+def add_samplers_parser(sub) -> None:
+    p = sub.add_parser("samplers", help="list the samplers", description="List every sampler with a one-line description.")
+    p.set_defaults(handler=run_samplers)
+
+
+def run_samplers(args: argparse.Namespace) -> int:
+    print(f"{'sampler':<16} {'NFE for N steps':<16} {'kind':<14} description")
+    for name, info in SAMPLERS.items():
+        kind = "stochastic" if info.stochastic else f"ODE, order {info.order}"
+        nfe = ("set by --tol" if info.nfe is None else "N" if info.nfe(10) == 10 else "2N - 1" if info.nfe(10) == 19
+               else f"{info.nfe(10)} for N=10")
+        print(f"{name:<16} {nfe:<16} {kind:<14} {info.description}")
+    return 0
+
+
+SAMPLER_OPTIONS = ("eta", "variance", "churn", "rtol", "max_nfe", "predictor", "corrector_steps", "snr")
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    with distributed.session(args.device) as info:  # under torchrun: every process samples a share, rank 0 writes
+        model = load_model(args.model, weights=args.weights, device=info.device)
+        options = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k) is not None}
+        guidance, cond = _guidance_options(args, model)
+        num = args.num if args.num is not None else (8 if cond is not None else 64)
+        if num < 1:
+            raise DifflabError(f"-n must be at least 1, got {num}")
+        per_row = None
+        if cond is not None:
+            cond, per_row = cond_repeat_interleave(cond, num), num  # one row per class
+        param, stats = model.parameterization, {}
+        sampler = args.sampler or param.default_sampler
+        steps = args.steps if args.steps is not None else param.default_steps(sampler)
+        with autocast(model.device):
+            images = generate_sharded(model, cond_len(cond) or num, sampler=sampler, steps=steps, spacing=args.spacing,
+                                      rho=args.rho, seed=args.seed, batch_size=args.batch_size,
+                                      clip=False if args.no_clip else None, threshold=args.threshold,
+                                      progress=not args.quiet and info.is_main, stats=stats, cond=cond, **guidance,
+                                      **options)
+        if not info.is_main:
+            return 0
+        extras = {"spacing": args.spacing if args.spacing not in (None, param.default_spacing) else None,
+                  "threshold": args.threshold, "weights": args.weights if args.weights != "ema" else None,
+                  "noclip": True if args.no_clip else None,
+                  "class": args.classes.replace(",", "+").replace("/", "-").replace(" ", "") if args.classes else None,
+                  "cfg": guidance.get("guidance_scale"), "rescale": guidance.get("guidance_rescale") or None,
+                  "clf": guidance.get("classifier_scale"), **options}
+        tag = f"{sampler}_{steps}steps_seed{args.seed}" + "".join(
+            f"_{k}{'' if v is True else v}" for k, v in extras.items() if v is not None)
+        written = _write(images, Path(args.out) if args.out else _run_folder(model) / "generated", tag, per_row, args)
+        seconds = stats["seconds"]
+        print(f"{len(images)} images, {stats['nfe']} network evaluations (NFE) each, {seconds:.1f} s "
+              f"({seconds / len(images) * 1000:.1f} ms/image) -> " + ", ".join(str(w) for w in written))
+    return 0
+
+
+def _run_folder(model: Model) -> Path:
+    checkpoint = model.checkpoint
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+
+
+def _write(images: torch.Tensor, out: Path, tag: str, per_row: int | None, args: argparse.Namespace) -> list[Path]:
+    """The grid (one row per class when classes were sampled) and, with --individual, one PNG per image."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if args.grid:
+        written.append(save_grid(images, out / f"{tag}.png", nrow=per_row))
+    if args.individual:
+        for i, img in enumerate(to_pil(images)):
+            img.save(out / f"{tag}_{i:05d}.png")
+        written.append(out / f"{tag}_*.png")
+    return written
+
+
+def _guidance_options(args: argparse.Namespace, model: Model) -> tuple[dict, torch.Tensor | None]:
+    """(generate() guidance keywords, the classes to sample or None) from the sample flags."""
+    classes = "all" if args.classes is None else args.classes
+    if args.classifier:
+        if args.guidance_scale is not None or args.guidance_rescale:
+            raise DifflabError("use either classifier-free guidance (--guidance-scale, --guidance-rescale) or a "
+                               "--classifier, not both")
+        classifier = load_classifier(args.classifier, device=model.device)
+        if model.conditioner is not None:
+            raise DifflabError("--classifier guides an unconditional model; this one is class-conditional "
+                               "(use --guidance-scale)")
+        labels = torch.tensor(parse_classes(classes, classifier.class_names))
+        return {"classifier": classifier, "classifier_scale": args.classifier_scale}, labels
+    if args.classifier_scale != 1.0:
+        raise DifflabError("--classifier-scale applies only with --classifier")
+    if model.conditioner is None:
+        if args.classes is not None or args.guidance_scale is not None:
+            raise DifflabError("this model is unconditional: --class and --guidance-scale need a model trained with "
+                               "--conditional (or classifier guidance: --classifier RUN)")
+        if args.guidance_rescale:
+            raise DifflabError("--guidance-rescale applies only with classifier-free guidance")
+        return {}, None
+    labels = model.conditioner.parse(classes)
+    trained_null = model.conditioner.trained_null
+    scale = args.guidance_scale if args.guidance_scale is not None else (3.0 if trained_null else 1.0)
+    if scale != 1.0 and not trained_null:
+        print("warning: this model was trained without label dropout, so its null class is untrained; guidance "
+              "scales other than 1 extrapolate from noise", file=sys.stderr)
+    return {"guidance_scale": scale, "guidance_rescale": args.guidance_rescale}, labels

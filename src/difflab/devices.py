@@ -1,0 +1,28 @@
+"""Where the work runs: resolving a device name, and the one mixed-precision rule."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from difflab.errors import DifflabError
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda when a GPU is visible, else cpu; any other name is checked (one-line errors)."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise DifflabError(f"unknown device '{device}' (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DifflabError("--device cuda was asked for but PyTorch sees no CUDA GPU (use --device cpu)")
+    return device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU (networks run in bf16, sampler and loss arithmetic stay float32); nothing on a CPU,
+    where bf16 matmuls are slower than float32 and would change results."""
+    return torch.autocast("cuda", torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()

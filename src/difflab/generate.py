@@ -1,0 +1,170 @@
+"""Generate images from a model with any sampler: per-seed batches, guidance, decoding, sharding over processes.
+
+    import difflab
+    model = difflab.load("runs/digits")                                      # newest checkpoint, EMA weights
+    images = difflab.sample(model, 16, sampler="ddim", steps=50, seed=0)     # (16, C, H, W) in [0, 1]
+    pixels = difflab.generate(model, 16)                                     # (16, C, H, W) in [-1, 1]
+
+Sampling happens in the model's space (pixels, or latents for a latent model); the result is decoded to pixels
+at the end. Image i always comes from seed ``seed + i``, whatever the batch size or the number of processes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from difflab import distributed
+from difflab.conditioning import Cond, cond_len, cond_repeat_interleave, cond_slice, cond_to, parse_classes
+from difflab.denoisers import DenoiserFn
+from difflab.devices import autocast
+from difflab.errors import DifflabError
+from difflab.guidance import classifier_free_guidance, classifier_guidance, clip_x0, dynamic_threshold
+from difflab.models import Model, NoisyClassifier, load_model
+from difflab.samplers import SAMPLERS, get_sampler
+from difflab.viz import to_pil
+
+
+class CountingDenoiser:
+    """Wraps a denoiser and counts its evaluations (NFE: network function evaluations)."""
+
+    def __init__(self, denoiser: DenoiserFn):
+        self.denoiser, self.nfe = denoiser, 0
+
+    def __call__(self, x, sigma, cond=None):
+        self.nfe += 1
+        return self.denoiser(x, sigma, cond)
+
+
+def sampler_options(sampler: str, options: dict) -> dict:
+    """Check that every option applies to the sampler (one-line error otherwise)."""
+    accepted = set(inspect.signature(get_sampler(sampler)).parameters) - {"denoiser", "x", "sigmas", "cond", "generator",
+                                                                          "callback"}
+    wrong = sorted(set(options) - accepted)
+    if wrong:
+        takes = ", ".join(sorted(accepted)) or "no options"
+        raise DifflabError(f"option(s) {', '.join(wrong)} do not apply to sampler '{sampler}' (it takes: {takes})")
+    return options
+
+
+def guide(model: Model, *, guidance_scale: float | None = None, guidance_rescale: float = 0.0,
+          classifier: NoisyClassifier | None = None, classifier_scale: float = 1.0) -> DenoiserFn:
+    """The model's denoiser wrapped with classifier-free guidance (a conditional model, ``guidance_scale``) or
+    classifier guidance (any model and a noise-aware ``classifier``); with neither it is returned unchanged."""
+    if classifier is not None:
+        have, want = classifier.input_shape, model.shape
+        if have != want:
+            raise DifflabError(f"the classifier sees {'x'.join(map(str, have))} images but the model makes "
+                               f"{'x'.join(map(str, want))}: train it on the same data")
+        return classifier_guidance(model.denoiser, classifier, classifier_scale)
+    if guidance_scale is not None:
+        if model.conditioner is None:
+            raise DifflabError("classifier-free guidance needs a conditional model (train it with --conditional)")
+        return classifier_free_guidance(model.denoiser, guidance_scale, null_cond=model.conditioner.null(1),
+                                        rescale=guidance_rescale)
+    if guidance_rescale:
+        raise DifflabError("guidance rescale applies only with classifier-free guidance (set a guidance scale)")
+    return model.denoiser
+
+
+@torch.no_grad()
+def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
+             rho: float = 7.0, seed: int = 0, batch_size: int = 256, clip: bool | None = None,
+             threshold: float | None = None, cond: Cond = None, guidance_scale: float | None = None,
+             guidance_rescale: float = 0.0, classifier: NoisyClassifier | None = None, classifier_scale: float = 1.0,
+             progress: bool = False, stats: dict | None = None, **options) -> torch.Tensor:
+    """Sample ``n`` images: pixels in [-1, 1], float32 (N, C, H, W), on the model's device.
+
+    ``sampler``, ``steps`` and ``spacing`` default to the model's own choice (DDIM, 50 steps, uniform for a DDPM;
+    Heun, 18 steps, Karras for EDM; ``ddpm`` takes all T steps); ``spacing`` picks the sigma grid (uniform,
+    trailing, leading, karras with ``rho``). ``clip`` clamps the x0 estimate to [-1, 1] (default: in pixel space
+    only), ``threshold`` (a percentile such as 0.995) applies dynamic thresholding instead. ``cond`` holds one
+    condition per image (class labels); with a conditional model ``guidance_scale`` turns on classifier-free
+    guidance (0 = unconditional, 1 = conditional, more = stronger; ``guidance_rescale`` in [0, 1]); a noise-aware
+    ``classifier`` (:func:`difflab.load_classifier`) guides any model with ``classifier_scale``. ``options`` go
+    to the sampler (``eta``, ``variance``, ``churn``, ...). When ``stats`` is a dict it receives ``nfe`` (network
+    evaluations per image) and ``seconds``."""
+    if n < 1:
+        raise DifflabError(f"the number of images must be at least 1, got {n}")
+    param = model.parameterization
+    sampler = sampler or param.default_sampler
+    sample_fn = get_sampler(sampler)
+    sampler_options(sampler, options)
+    if batch_size < 1:
+        raise DifflabError(f"the batch size must be at least 1, got {batch_size}")
+    steps = param.default_steps(sampler) if steps is None else steps
+    sigmas = param.sampling_sigmas(steps, spacing, rho)
+    if cond is not None and cond_len(cond) != n:
+        raise DifflabError(f"got {cond_len(cond)} conditions for {n} images")
+    if classifier is not None and cond is None:
+        raise DifflabError("classifier guidance needs the classes to generate (class labels)")
+    den = guide(model, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, classifier=classifier,
+                classifier_scale=classifier_scale)
+    clip = model.encoder.pixel_space if clip is None else clip
+    den = dynamic_threshold(den, threshold) if threshold is not None else clip_x0(den) if clip else den
+    device, std = model.device, param.prior_std(float(sigmas[0]))
+    out, nfe, started = [], 0, time.perf_counter()
+    cost = SAMPLERS[sampler].nfe
+    with tqdm(total=n * cost(steps) if cost is not None else None, desc=f"sampling ({sampler}, {steps} steps)",
+              unit="img-eval", disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            gens = [torch.Generator().manual_seed(seed + i) for i in range(start, stop)]
+            x = torch.stack([torch.randn(model.shape, generator=g) for g in gens]).to(device) * std  # the prior
+            counted = CountingDenoiser(den)
+            cb = (lambda i, s, x_, x0, k=stop - start: bar.update(k)) if progress else None
+            x = sample_fn(counted, x, sigmas, cond=cond_to(cond_slice(cond, start, stop), device), generator=gens,
+                          callback=cb, **options)
+            out.append(model.encoder.decode(x).clamp(-1, 1))  # to pixels
+            nfe = max(nfe, counted.nfe)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if stats is not None:
+        stats.update(nfe=nfe, seconds=time.perf_counter() - started)
+    return torch.cat(out)
+
+
+def generate_sharded(model: Model, n: int, *, seed: int = 0, cond: Cond = None, **kwargs) -> torch.Tensor:
+    """:func:`generate` split across the processes of a torchrun job: each rank samples its shard of the ``n``
+    images (image i still from seed ``seed + i``) and every rank gets all ``n``, identical to one process
+    sampling them all. In a single process it is :func:`generate`."""
+    if n < 1:
+        raise DifflabError(f"the number of images must be at least 1, got {n}")
+    if cond is not None and cond_len(cond) != n:
+        raise DifflabError(f"cond has {cond_len(cond)} entries for {n} images")
+    start, stop = distributed.shard_range(n, distributed.rank(), distributed.world_size())
+    if stop > start:
+        local = generate(model, stop - start, seed=seed + start, cond=cond_slice(cond, start, stop), **kwargs)
+    else:  # more processes than images: this one contributes nothing but must join the gather
+        local = torch.empty((0, *model.image_shape), device=model.device)
+    return distributed.gather_shards(local, n)
+
+
+def sample(model: Model | str | Path, n: int = 16, *, classes: str | int | list | None = None, output: str = "tensor",
+           device: str | torch.device = "auto", **kwargs):
+    """Generate ``n`` images from a :class:`~difflab.models.Model` or a run/checkpoint path.
+
+    With ``classes`` (an index, a name, a list of them, or "all") it generates ``n`` images of each class,
+    class by class, e.g. ``sample(model, 8, classes="all", guidance_scale=3.0)``; for an unconditional model
+    pass a ``classifier`` too. Returns a float tensor (N, C, H, W) in [0, 1] (``output="tensor"``) or a list
+    of PIL images (``output="pil"``). Other keyword arguments as in :func:`generate` (sampler, steps, seed, ...);
+    on a GPU the network runs under bf16 autocast."""
+    if output not in ("tensor", "pil"):
+        raise DifflabError(f"output must be 'tensor' or 'pil', got '{output}'")
+    if not isinstance(model, Model):
+        model = load_model(model, device=device)
+    if classes is not None:
+        clf = kwargs.get("classifier")
+        if clf is None and model.conditioner is None:
+            raise DifflabError("this model is unconditional: it has no classes (train with --conditional, or guide "
+                               "it with a classifier: --classifier)")
+        labels = torch.tensor(parse_classes(classes, clf.class_names if clf is not None else model.class_names))
+        kwargs["cond"] = cond_repeat_interleave(labels, n)
+        n = len(kwargs["cond"])
+    with autocast(model.device):
+        images = generate(model, n, **kwargs)
+    return to_pil(images) if output == "pil" else ((images + 1) / 2).cpu()

@@ -1,0 +1,191 @@
+"""What a checkpoint holds and how to rebuild it: one :func:`load` for every kind of run.
+
+    import difflab
+    model = difflab.load("runs/digits")              # a Model: denoiser + encoder + conditioner + config
+    clf = difflab.load("runs/digits-classifier")     # a NoisyClassifier: clf(x, sigma) -> logits
+
+A checkpoint's ``config.json`` names its ``format``; :func:`build` turns the config into a freshly initialised
+object of that format and :func:`load` fills in the weights (EMA by default). Configs written by earlier
+versions of difflab (``difflab-model-1``, ``difflab-classifier-1``) are upgraded on reading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from difflab.conditioning import ClassConditioner, conditioner_from_config
+from difflab.denoisers import Denoiser, Parameterization, parameterization_from_config
+from difflab.devices import resolve_device
+from difflab.encoders import PixelEncoder, encoder_from_config
+from difflab.errors import DifflabError
+from difflab.nn import UNet, UNetClassifier, UNetConfig
+from difflab.tensors import append_dims, sigma_per_example
+from difflab.training.checkpoint import load_state, load_weights, read_config, resolve_checkpoint
+
+MODEL_FORMAT = "difflab-model-2"
+CLASSIFIER_FORMAT = "difflab-classifier-2"
+
+
+@dataclass
+class Model:
+    """A trained diffusion model: its denoiser (network + parameterization), the encoder between pixels and the
+    model's space (identity for pixel models), the conditioner that makes its conds (None: unconditional), the
+    config that rebuilds it, and the checkpoint it came from."""
+
+    denoiser: Denoiser
+    encoder: PixelEncoder
+    conditioner: ClassConditioner | None
+    config: dict
+    checkpoint: Path | None = None
+
+    @property
+    def parameterization(self) -> Parameterization:
+        return self.denoiser.parameterization
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the denoiser works on (latents for a latent model)."""
+        u = self.config["unet"]
+        return (u["in_channels"], u["image_size"], u["image_size"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images it generates."""
+        d = self.config["data"]
+        return (d["channels"], d["image_size"], d["image_size"]) if "channels" in d else self.shape
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.conditioner.class_names if isinstance(self.conditioner, ClassConditioner) else None
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.conditioner.num_classes if isinstance(self.conditioner, ClassConditioner) else None
+
+    def to(self, device: torch.device | str) -> Model:
+        self.denoiser.to(device)
+        self.encoder.to(device)
+        return self
+
+
+class NoisyClassifier(nn.Module):
+    """``clf(x, sigma) -> logits (N, K)`` of p(y | x, sigma) for x = x0 + sigma * noise (sigma coordinates), for
+    classifier guidance (:func:`difflab.guidance.classifier_guidance`).
+
+    The network sees what its parameterization prescribes, as a denoiser's does: c_in(sigma) x and c_noise(sigma)
+    (for the VP schedule it was trained on: x_t = x / sqrt(1 + sigma^2) and the timestep of sigma)."""
+
+    def __init__(self, net: UNetClassifier, parameterization: Parameterization, class_names: list[str]):
+        super().__init__()
+        self.net, self.parameterization, self.class_names = net, parameterization, list(class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c = self.net.config
+        return (c.in_channels, c.image_size, c.image_size)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = sigma_per_example(sigma, x)  # (N,)
+        _, _, c_in = self.parameterization.scalings(sigma)
+        return self.net(append_dims(c_in, x.ndim) * x, self.parameterization.c_noise(sigma)).float()  # (N, K)
+
+
+def model_config(unet: UNetConfig, *, parameterization: Parameterization, data: dict,
+                 encoder: PixelEncoder | None = None, conditioner: ClassConditioner | None = None) -> dict:
+    """The JSON that rebuilds a diffusion model (config.json of its checkpoints). ``data``: name, channels,
+    image_size of the images it generates."""
+    return {"format": MODEL_FORMAT, "unet": dataclasses.asdict(unet), "parameterization": parameterization.config(),
+            "encoder": (encoder or PixelEncoder()).config(),
+            "conditioner": conditioner.config() if conditioner is not None else None, "data": data}
+
+
+def classifier_config(unet: UNetConfig, *, class_names: list[str], parameterization: Parameterization,
+                      data: dict) -> dict:
+    """The JSON that rebuilds a noise-aware classifier (config.json of its checkpoints)."""
+    return {"format": CLASSIFIER_FORMAT, "unet": dataclasses.asdict(unet), "class_names": list(class_names),
+            "parameterization": parameterization.config(), "data": data}
+
+
+def upgrade_config(config: dict) -> dict:
+    """A config of any difflab version in the current format (``difflab-model-1`` and ``difflab-classifier-1``
+    kept the schedule and prediction at the top level and class names under ``data``)."""
+    if not isinstance(config, dict):
+        raise DifflabError(f"a model config must be a JSON object, got {type(config).__name__}")
+    fmt = config.get("format")
+    try:
+        if fmt == "difflab-model-1":
+            unet, data = config["unet"], dict(config["data"])
+            names = data.pop("class_names", None)
+            if unet.get("num_classes") is not None and names is None:
+                names = [str(i) for i in range(unet["num_classes"])]
+            conditioner = ({"kind": "class", "class_names": names, "dropout": config.get("label_dropout", 0.1)}
+                           if unet.get("num_classes") is not None else None)
+            return {"format": MODEL_FORMAT, "unet": unet, "encoder": {"kind": "pixels"}, "conditioner": conditioner,
+                    "parameterization": {"kind": "vp", "prediction": config["prediction"],
+                                         "schedule": config["schedule"]["name"],
+                                         "timesteps": config["schedule"]["timesteps"]}, "data": data}
+        if fmt == "difflab-classifier-1":
+            return {"format": CLASSIFIER_FORMAT, "unet": config["encoder"], "class_names": config["class_names"],
+                    "parameterization": {"kind": "vp", "schedule": config["schedule"]["name"],
+                                         "timesteps": config["schedule"]["timesteps"]}, "data": config["data"]}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DifflabError(f"model config of format {fmt} is incomplete: {e}") from None
+    return config
+
+
+def build(config: dict) -> Model | NoisyClassifier:
+    """A freshly initialised model of the kind ``config['format']`` names (weights from :func:`load`)."""
+    config = upgrade_config(config)
+    fmt = config.get("format")
+    if fmt not in (MODEL_FORMAT, CLASSIFIER_FORMAT):
+        raise DifflabError(f"not a difflab model config (format {fmt!r}, expected {MODEL_FORMAT!r} or "
+                           f"{CLASSIFIER_FORMAT!r})")
+    try:
+        unet = UNetConfig(**config["unet"])
+        parameterization = parameterization_from_config(config["parameterization"])
+        if fmt == CLASSIFIER_FORMAT:
+            net = UNetClassifier(unet, len(config["class_names"]))
+            return NoisyClassifier(net, parameterization, config["class_names"])
+        denoiser = Denoiser(UNet(unet), parameterization)
+        return Model(denoiser, encoder_from_config(config.get("encoder")),
+                     conditioner_from_config(config.get("conditioner")), config)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DifflabError(f"model config is incomplete or has unknown fields: {e}") from None
+
+
+def load(path: str | Path, *, weights: str = "ema", device: str | torch.device = "auto") -> Model | NoisyClassifier:
+    """Load a run folder (its newest checkpoint) or a checkpoint folder, of any kind; EMA weights by default."""
+    checkpoint = resolve_checkpoint(path)
+    loaded = build(read_config(checkpoint))
+    net = loaded.denoiser.net if isinstance(loaded, Model) else loaded.net
+    load_state(net, load_weights(checkpoint, weights), checkpoint)
+    if isinstance(loaded, Model):
+        loaded.checkpoint = checkpoint
+        loaded.denoiser.eval()
+        return loaded.to(resolve_device(device))
+    return loaded.to(resolve_device(device)).eval()
+
+
+def load_model(path: str | Path, *, weights: str = "ema", device: str | torch.device = "auto") -> Model:
+    """:func:`load`, for a diffusion model (a one-line error for anything else)."""
+    model = load(path, weights=weights, device=device)
+    if not isinstance(model, Model):
+        raise DifflabError(f"'{path}' is a noise-aware classifier, not a diffusion model")
+    return model
+
+
+def load_classifier(path: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu") -> NoisyClassifier:
+    """:func:`load`, for a noise-aware classifier (``difflab train-classifier``)."""
+    checkpoint = resolve_checkpoint(path)
+    if upgrade_config(read_config(checkpoint)).get("format") != CLASSIFIER_FORMAT:
+        raise DifflabError(f"'{path}' is not a noise-aware classifier (train one with: difflab train-classifier)")
+    return load(checkpoint, weights=weights, device=device)

@@ -1,0 +1,18 @@
+"""Training objectives ("tasks") of the one training loop (:mod:`difflab.training`).
+
+Each task is a module with a settings dataclass and a :class:`~difflab.training.task.Task` subclass; adding an
+objective is one new module plus a line in :data:`TASKS`, which gives it a ``difflab`` command (the key) with
+one flag per setting, resume, torchrun, EMA, interrupts and checkpoints.
+"""
+
+from difflab.tasks.diffusion import DiffusionConfig, DiffusionTask, train
+from difflab.tasks.noisy_classifier import NoisyClassifierConfig, NoisyClassifierTask, train_classifier
+
+# command name -> task
+TASKS = {
+    "train": DiffusionTask,
+    "train-classifier": NoisyClassifierTask,
+}
+
+__all__ = ["TASKS", "DiffusionConfig", "DiffusionTask", "NoisyClassifierConfig", "NoisyClassifierTask", "train",
+           "train_classifier"]

@@ -1,0 +1,265 @@
+"""Diffusion training (tutorial §4.1; DDPM Algorithm 1; EDM Algorithm "training"), the task behind ``difflab train``.
+
+Each step draws clean images x0 (optionally mirrored), noise levels sigma from the parameterization's training
+distribution (DDPM: t ~ U{1..T}; EDM: ln sigma ~ N(P_mean, P_std^2)), noise n ~ N(0, I) and -- for a
+conditional model -- conditions with a fraction dropped to the null condition; the loss is the one denoising loss
+lambda(sigma) ||D(x0 + sigma n, sigma, cond) - x0||^2 (:mod:`difflab.losses`).
+
+    import difflab
+    run = difflab.train(dataset="digits", steps=3000)                         # DDPM, eps-prediction
+    run = difflab.train(parameterization="edm", name="digits-edm")            # EDM (Karras et al. 2022)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from difflab import distributed
+from difflab.conditioning import ClassConditioner, Cond, cond_index, cond_len
+from difflab.denoisers import PARAMETERIZATIONS, Denoiser, EDMParameterization, Parameterization, VPParameterization
+from difflab.devices import autocast
+from difflab.encoders import PixelEncoder
+from difflab.errors import DifflabError
+from difflab.evaluation import make_evaluator
+from difflab.generate import generate_sharded
+from difflab.losses import denoising_loss
+from difflab.models import Model, model_config
+from difflab.nn import UNet, unet_config
+from difflab.schedules import make_schedule
+from difflab.tasks.images import load_training_images
+from difflab.training import loop
+from difflab.training.config import setting
+from difflab.training.runs import batch_indices, random_hflip
+from difflab.training.task import Task
+from difflab.viz import save_grid
+
+VP_DEFAULTS = {"prediction": "eps", "weighting": None, "schedule": "linear", "timesteps": 1000}
+
+
+@dataclass
+class DiffusionConfig:
+    """The settings of diffusion training besides the shared ones (:class:`difflab.training.config.RunConfig`)."""
+
+    # the network
+    preset: str = setting("tiny", "U-Net size preset: tiny, small, ddpm-cifar10", frozen=True)
+    model: dict = setting(dict, "U-Net config overrides, e.g. {base_channels: 48} (config file only)", frozen=True)
+    # the parameterization
+    parameterization: str = setting("vp", "vp (DDPM: discrete timesteps, an eps, x0 or v target) or edm (Karras et "
+                                          "al. 2022: continuous sigma, sigma_data preconditioning)", frozen=True,
+                                     metavar="KIND")
+    prediction: str = setting("eps", "vp: what the network predicts: eps (the tutorial's noise), x0 or v", frozen=True)
+    weighting: str | None = setting(None, "vp: loss weighting: eps, x0 or v (default: the same as --prediction, i.e. "
+                                          "plain MSE on the output)", frozen=True)
+    schedule: str = setting("linear", "vp: noise schedule: linear, cosine, quadratic, sigmoid", frozen=True)
+    timesteps: int = setting(1000, "vp: number of diffusion steps T", frozen=True)
+    sigma_data: float | None = setting(None, "edm: standard deviation of the data (default: measured on the "
+                                             "training images)", frozen=True, metavar="SIGMA")
+    # conditioning
+    conditional: bool = setting(False, "class-conditional: the U-Net also sees the dataset's labels (needs labelled "
+                                       "data: a named dataset or a folder with one subfolder per class)", frozen=True)
+    label_dropout: float = setting(0.1, "conditional: fraction of labels replaced by the learned null class, so one "
+                                        "model is conditional and unconditional (needed for classifier-free guidance)")
+    guidance_scale: float = setting(3.0, "conditional: classifier-free guidance scale of the sample grids "
+                                         "(0 = unconditional, 1 = conditional, >1 = stronger)")
+    # pictures and evaluation during training
+    num_samples: int = setting(64, "images in each sample grid")
+    sample_steps: int | None = setting(None, "sampler steps for the sample grids (default: the model's: DDIM 50 "
+                                             "for vp, Heun 18 for edm)")
+    eval_samples: int = setting(1000, "generated images per evaluation (the model's default sampler, EMA weights)")
+    eval_metrics: str = setting("fid", "metrics to log during training, comma-separated: fid, kid, is, pr")
+    eval_features: str | None = setting(None, "feature extractor for evaluation (default: the shipped classifier for "
+                                              "digits and fashion-mnist, else inception)")
+
+
+class DiffusionBatch(NamedTuple):
+    x0: torch.Tensor        # clean images in the model's space (n, C, H, W)
+    sigma: torch.Tensor     # noise levels (n,)
+    noise: torch.Tensor     # n ~ N(0, I), like x0
+    cond: Cond              # conditions (a fraction dropped to the null condition), or None
+
+
+class DiffusionTask(Task):
+    """Train a denoiser (U-Net + parameterization) on a dataset; the sample grid is its progress picture."""
+
+    name, noun, command = "diffusion", "diffusion", "difflab train"
+    config_class = DiffusionConfig
+    summary = "train a diffusion model"
+    description = ("Train a diffusion model (tutorial §4.1; DDPM or EDM) and write samples, a loss plot and "
+                   "checkpoints to a run folder.")
+    examples = """examples:
+  difflab train                                  # tiny U-Net on the bundled 8x8 digits (CPU, a few minutes)
+  difflab train --parameterization edm           # EDM (Karras et al. 2022): sampled with Heun, 18 steps
+  difflab train --dataset fashion-mnist --preset small --steps 20000 --batch-size 128
+  difflab train --dataset ./my_photos --image-size 64 --preset small
+  difflab train --config run.yaml --lr 1e-4      # flags override the file
+  difflab train --resume runs/digits --steps 10000
+  difflab train --conditional                    # class-conditional (label dropout 0.1): one row per class in samples.png
+  torchrun --nproc_per_node 4 -m difflab train --dataset cifar10 --preset ddpm-cifar10   # 4 GPUs, global batch split
+
+every run folder holds config.json, log.jsonl, loss.png, samples.png (+ samples/step_*.png) and
+checkpoints/step_*/ (safetensors weights + EMA + JSON config + optimizer state). The first Ctrl-C saves a
+checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row stop the run with a checkpoint."""
+    report = "samples: {run}/samples.png, loss plot: {run}/loss.png\nsample more with: difflab sample {run}"
+
+    @classmethod
+    def check(cls, run, cfg: DiffusionConfig) -> None:
+        for name in ("timesteps", "num_samples"):
+            if getattr(cfg, name) < 1:
+                raise DifflabError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+        if cfg.sample_steps is not None and cfg.sample_steps < 1:
+            raise DifflabError(f"--sample-steps must be at least 1, got {cfg.sample_steps}")
+        if not (math.isfinite(cfg.guidance_scale) and cfg.guidance_scale >= 0):
+            raise DifflabError(f"--guidance-scale must be a finite number >= 0, got {cfg.guidance_scale}")
+        if run.eval_every and cfg.eval_samples < 2:
+            raise DifflabError(f"--eval-samples must be at least 2 (thousands for a meaningful FID), got {cfg.eval_samples}")
+        if not 0.0 <= cfg.label_dropout < 1.0:
+            raise DifflabError(f"--label-dropout must lie in [0, 1), got {cfg.label_dropout}")
+        if "num_classes" in cfg.model:
+            raise DifflabError("set --conditional instead of model.num_classes: the number of classes comes from the "
+                               "dataset")
+        if cfg.parameterization not in PARAMETERIZATIONS:
+            raise DifflabError(f"--parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got "
+                               f"'{cfg.parameterization}'")
+        if cfg.parameterization == "edm":
+            vp_only = [k for k, v in VP_DEFAULTS.items() if getattr(cfg, k) != v]
+            if vp_only:
+                raise DifflabError(f"--{', --'.join(vp_only)} appl{'ies' if len(vp_only) == 1 else 'y'} to "
+                                   "--parameterization vp only (EDM fixes its own preconditioning and weighting)")
+            if cfg.sigma_data is not None and not (math.isfinite(cfg.sigma_data) and cfg.sigma_data > 0):
+                raise DifflabError(f"--sigma-data must be a positive number, got {cfg.sigma_data}")
+        elif cfg.sigma_data is not None:
+            raise DifflabError("--sigma-data applies to --parameterization edm only")
+        make_schedule(cfg.schedule, cfg.timesteps)  # a bad schedule name fails here, before the data loads
+        if run.image_size is not None:  # refuse a size the U-Net cannot take before spending time on the data
+            unet_config(cfg.preset, image_size=run.image_size, in_channels=run.channels or 1, **cfg.model)
+
+    def setup(self) -> torch.nn.Module:
+        cfg, ctx = self.config, self.ctx
+        data, self.run = load_training_images(self.run, ctx)
+        self.data_name, self.image_shape = data.name, tuple(data.images.shape[1:])
+        self.images = data.images.to(ctx.device)  # all supported datasets fit; uint8 until a batch is drawn
+        self.encoder = PixelEncoder()
+        self.conditioner, self.labels = None, None
+        if cfg.conditional:
+            if data.labels is None:
+                raise DifflabError(f"--conditional needs labelled data: '{self.run.dataset}' has no labels (a folder "
+                                   "needs one subfolder per class)")
+            self.conditioner = ClassConditioner(data.class_names, cfg.label_dropout)
+            self.labels = data.labels.to(ctx.device)
+        if cfg.parameterization == "edm" and cfg.sigma_data is None:
+            self.config = cfg = dataclasses.replace(cfg, sigma_data=round(data_std(self.images, self.encoder), 6))
+        self.parameterization = make_parameterization(cfg)
+        channels, size = self.encoder.model_shape(self.image_shape)[:2]
+        self.unet = unet_config(cfg.preset, image_size=size, in_channels=channels, **cfg.model,
+                                num_classes=self.conditioner.num_classes if self.conditioner else None)
+        net = UNet(self.unet).to(ctx.device)
+        self._model = None
+        # the main process scores; a bad extractor name or missing weights stop every process alike. Built after
+        # the U-Net: a feature network's initialisation must not move the random stream the U-Net starts from.
+        self.evaluator = distributed.main_first(lambda: make_evaluator(
+            data.images, data.name, n=cfg.eval_samples, metrics=cfg.eval_metrics, features=cfg.eval_features,
+            device=ctx.device)) if self.run.eval_every else None
+        self.shard = slice(*distributed.shard_range(self.run.batch_size, ctx.dist.rank, ctx.dist.world_size))
+        return net
+
+    def batch(self, step: int, generator: torch.Generator) -> DiffusionBatch:
+        run, device = self.run, self.ctx.device
+        idx = batch_indices(step, run.batch_size, len(self.images), run.seed).to(device)
+        x0 = self.encoder.encode(self.images[idx])  # the global batch, in [-1, 1] for pixel models
+        if run.hflip:
+            x0 = random_hflip(x0, generator)
+        sigma = self.parameterization.sample_sigma(x0.shape[0], generator, device)  # DDPM Alg. 1, line 3
+        noise = torch.randn(x0.shape, generator=generator, device=device)  # line 4
+        cond = None
+        if self.conditioner is not None:  # Ho & Salimans 2022, Algorithm 1: drop with probability p_uncond
+            cond = cond_index(self.conditioner.drop(self.labels[idx], generator), self.shard)
+        x0 = x0[self.shard]  # this process's slice of the global batch
+        if device.type == "cuda":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        return DiffusionBatch(x0, sigma[self.shard], noise[self.shard], cond)
+
+    def loss(self, net, b: DiffusionBatch):
+        # lambda(sigma) ||D(x0 + sigma n, sigma) - x0||^2: for eps-prediction ||eps - eps_theta(x_t, t)||^2 (line 5)
+        denoiser = Denoiser(net, self.parameterization)
+        weight = self.parameterization.loss_weight(b.sigma)
+        return denoising_loss(denoiser, b.x0, b.sigma, b.noise, weight=weight, cond=b.cond), {}
+
+    def model_config(self) -> dict:
+        return model_config(self.unet, parameterization=self.parameterization, encoder=self.encoder,
+                            conditioner=self.conditioner,
+                            data={"name": self.data_name, "channels": self.image_shape[0],
+                                  "image_size": self.image_shape[1]})
+
+    def model(self, ema: torch.nn.Module) -> Model:
+        """The EMA network as a :class:`Model`, for sampling."""
+        if self._model is None or self._model.denoiser.net is not ema:
+            self._model = Model(Denoiser(ema, self.parameterization), self.encoder, self.conditioner,
+                                self.model_config())
+        return self._model
+
+    def _guidance(self) -> dict:
+        """Conditional models are shown and evaluated with classifier-free guidance (one trained without label
+        dropout has an untrained null class: plain conditional sampling)."""
+        if self.conditioner is None:
+            return {}
+        return {"guidance_scale": self.config.guidance_scale if self.conditioner.trained_null else 1.0}
+
+    def show(self, step: int, ema) -> None:
+        """A grid from a fixed seed (one row per class for a conditional model): samples/step_N.png, samples.png."""
+        cond, nrow = self.conditioner.grid(self.config.num_samples) if self.conditioner else (None, None)
+        with autocast(self.ctx.device):
+            grid = generate_sharded(self.model(ema), cond_len(cond) or self.config.num_samples, seed=0, cond=cond,
+                                    steps=self.config.sample_steps, **self._guidance())
+        run_dir = self.ctx.run_dir
+
+        def draw() -> None:
+            save_grid(grid, run_dir / "samples" / f"step_{step:07d}.png", nrow=nrow)
+            save_grid(grid, run_dir / "samples.png", nrow=nrow)
+
+        self.ctx.on_main("drawing the sample grid", draw)
+
+    def evaluate(self, step: int, ema) -> dict[str, float]:
+        """Metrics of eval_samples generated images (the model's default sampler; every class equally often)
+        against the real ones."""
+        n = self.config.eval_samples
+        cond = self.conditioner.balanced(n) if self.conditioner else None
+        with autocast(self.ctx.device):  # every process samples a share of the images; the main one scores them
+            fake = generate_sharded(self.model(ema), n, seed=10_000, cond=cond, **self._guidance())
+        result: dict[str, float] = {}
+        self.ctx.on_main("evaluation", lambda: result.update(self.evaluator(fake)))
+        return result
+
+
+def make_parameterization(cfg: DiffusionConfig) -> Parameterization:
+    if cfg.parameterization == "edm":
+        return EDMParameterization(cfg.sigma_data)
+    return VPParameterization(make_schedule(cfg.schedule, cfg.timesteps), cfg.prediction, cfg.weighting)
+
+
+@torch.no_grad()
+def data_std(images: torch.Tensor, encoder: PixelEncoder, chunk: int = 4096) -> float:
+    """The standard deviation of the training data in the model's space, over all examples and pixels: EDM's
+    sigma_data (Karras et al. 2022, Appendix B.6 sets c_in, c_skip and c_out from it)."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for start in range(0, len(images), chunk):
+        x = encoder.encode(images[start:start + chunk]).double()
+        total, total_sq, count = total + float(x.sum()), total_sq + float(x.square().sum()), count + x.numel()
+    mean = total / count
+    return math.sqrt(max(total_sq / count - mean**2, 0.0))
+
+
+def train(config: dict | None = None, *, resume: str | Path | None = None, overwrite: bool = False,
+          progress: bool = True, **overrides) -> Path:
+    """Train a diffusion model and return its run folder (config, log, loss.png, sample grids, checkpoints).
+
+    ``config`` is a dict of settings (:class:`~difflab.training.config.RunConfig` and :class:`DiffusionConfig`
+    fields); keyword overrides win. With ``resume`` (a run folder) training continues from its newest checkpoint:
+    weights, EMA, optimizer, step counter, data order and random states are restored, so the result is the same
+    as an uninterrupted run."""
+    return loop.train(DiffusionTask, config, resume=resume, overwrite=overwrite, progress=progress, **overrides)

@@ -1,0 +1,338 @@
+"""The one training loop (tutorial §4.1; DDPM Algorithm 1 for diffusion), for every task:
+
+    for each step: seed -> batch -> loss -> backward, clip -> (finite?) optimizer step, EMA -> log
+                   -> every N steps: evaluate, show, checkpoint
+
+A task (:mod:`difflab.training.task`) supplies the data, the network and the loss; everything else is here,
+once: exact resume (weights, EMAs, optimizer, step counter, data order and every random stream come back),
+torchrun/DDP (each process takes its slice of the global batch; one all-reduce per step shares the loss, the
+metrics and the stop flag), the learning-rate schedule, autocast, clipping, the non-finite-step gate, the EMAs,
+``log.jsonl`` and ``loss.png``, Ctrl-C/SIGTERM, and atomic checkpoints that a failed write never costs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from difflab import distributed
+from difflab.devices import autocast
+from difflab.errors import DifflabError
+from difflab.training.checkpoint import (
+    CheckpointWriteError,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_state,
+    load_training_state,
+    load_weights,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_checkpoint,
+    write_json,
+)
+from difflab.training.config import check_run, from_json, frozen_fields, make_configs, to_json
+from difflab.training.runs import (
+    GracefulStop,
+    learning_rate,
+    prepare_run_dir,
+    restore_noise_generator,
+    step_seed,
+    truncate_log,
+)
+from difflab.training.task import Context, Task
+from difflab.viz import plot_loss
+
+
+def train(task_class: type[Task], config: dict | None = None, *, resume: str | Path | None = None,
+          overwrite: bool = False, progress: bool = True, **overrides) -> Path:
+    """Train ``task_class``'s model and return its run folder.
+
+    ``config`` is a dict of settings (shared and the task's own); keyword ``overrides`` win. With ``resume`` (a
+    run folder) training continues from its newest checkpoint, bit-identical to a run that was never stopped;
+    settings marked frozen cannot change then. ``overwrite`` replaces an existing folder of the same name."""
+    run, cfg, resume_dir = configure(task_class, config, resume, overrides)
+    with distributed.session(run.device) as info:  # one process, or one of several started by torchrun
+        ctx = Context(info, progress and info.is_main)
+        return _train(task_class(run, cfg, ctx), resume_dir, overwrite)
+
+
+def configure(task_class: type[Task], config: dict | None, resume, overrides: dict):
+    """(RunConfig, task config, run folder to resume or None), checked, from the arguments of :func:`train`."""
+    if resume is None:
+        run, cfg = make_configs(task_class.run_defaults, task_class.config_class, config, **overrides)
+    else:
+        resume = Path(resume)
+        saved = resume / "config.json"
+        if not saved.is_file():
+            raise DifflabError(f"cannot resume: '{resume}' is not a run folder (no config.json)")
+        try:
+            stored = json.loads(saved.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DifflabError(f"cannot resume: {saved} is damaged ({str(e).splitlines()[0]})") from None
+        task_name, base = from_json(stored, saved)
+        if task_name != task_class.name:
+            raise DifflabError(f"'{resume}' is not a {task_class.noun} run (its config.json says task '{task_name}')")
+        run, cfg = make_configs(task_class.run_defaults, task_class.config_class, base, **overrides)
+        old_run, old_cfg = make_configs(task_class.run_defaults, task_class.config_class, base)
+        def value(k, r, c):
+            return getattr(r, k) if hasattr(r, k) else getattr(c, k)
+
+        changed = [k for k in frozen_fields(type(run), type(cfg))
+                   if overrides.get(k) is not None and value(k, run, cfg) != value(k, old_run, old_cfg)]
+        if changed:
+            raise DifflabError(f"cannot change {', '.join(changed)} when resuming a run")
+    check_run(run)
+    task_class.check(run, cfg)
+    return run, cfg, resume
+
+
+@dataclass
+class RunState:
+    """Everything a checkpoint restores."""
+
+    net: nn.Module                                  # the network being trained (not wrapped)
+    emas: dict[str, nn.Module]                      # moving averages of its weights, "ema" first
+    optimizer: torch.optim.Optimizer
+    noise: torch.Generator                          # every random draw of the batches
+    step: int = 0                                   # steps done (skipped ones included)
+    skipped: int = 0                                # non-finite steps so far: they changed nothing
+    saved: int | None = None                        # the last step a checkpoint was attempted at
+    log: dict = field(default_factory=dict)         # what the next log row averages
+
+    @property
+    def updates(self) -> int:
+        """Optimizer updates so far: the learning-rate schedule and the EMA warm-up count these, not steps."""
+        return self.step - self.skipped
+
+
+def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
+    ctx, run = task.ctx, task.run
+    world = ctx.dist.world_size
+    if run.batch_size % world:
+        raise DifflabError(f"--batch-size {run.batch_size} (the global batch) must be divisible by the {world} "
+                           "processes")
+    torch.manual_seed(run.seed)  # initial weights
+    net = task.setup()
+    if ctx.device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    run = task.run  # resolved from the data (image size, channels, ...)
+    # the EMAs are never trained, only averaged into: eval mode for good (dropout off when they are sampled)
+    state = RunState(net, {name: copy.deepcopy(net).requires_grad_(False).eval() for name in task.ema_decays()},
+                     torch.optim.AdamW(net.parameters(), lr=run.lr, weight_decay=run.weight_decay,
+                                       fused=ctx.device.type == "cuda" or None),
+                     torch.Generator(device=ctx.device).manual_seed(run.seed + 1))
+    if resume is not None:
+        ctx.run_dir = resume
+        _restore(state, resume, run.seed)
+        if ctx.main:
+            truncate_log(resume / "log.jsonl", state.step)
+        if state.step >= run.steps:
+            if ctx.main:
+                print(f"{resume} has already trained {state.step} steps (asked for {run.steps}); raise --steps to go on")
+            return resume
+    else:  # the main process picks (and numbers) the folder; the others learn its name, or its error
+        chosen = distributed.main_first(lambda: str(prepare_run_dir(run, overwrite, task.folder_suffix)))
+        ctx.run_dir = Path(distributed.broadcast_object(chosen))
+    if ctx.main:
+        write_json(ctx.run_dir / "config.json", to_json(task.name, run, task.config))
+    _loop(task, state)
+    _checkpoint(task, state, run.steps, final=True)
+    ema = state.emas["ema"]
+    if run.eval_every:
+        _evaluate(task, state, run.steps)
+    _show(task, ema, run.steps)
+    task.finish(ema)
+    return ctx.run_dir
+
+
+def _restore(state: RunState, run_dir: Path, seed: int) -> None:
+    """Put back the newest usable checkpoint of ``run_dir`` (nothing if there is none)."""
+    checkpoint = latest_valid_checkpoint(run_dir)
+    if checkpoint is None:
+        return
+    load_state(state.net, load_weights(checkpoint, "model"), checkpoint)
+    for name, ema in state.emas.items():
+        load_state(ema, load_weights(checkpoint, name), checkpoint)
+    tensors, meta = load_training_state(checkpoint)
+    optimizer_from_tensors(state.optimizer, tensors, meta["optimizer"])
+    restore_noise_generator(state.noise, tensors, meta, seed)
+    state.step = state.saved = meta["step"]
+    state.skipped = meta.get("skipped", 0)
+
+
+def _loop(task: Task, state: RunState) -> None:
+    ctx, run = task.ctx, task.run
+    train_net = state.net  # what the optimizer trains: wrapped by DDP (gradients averaged in backward) and compiled
+    if ctx.dist.world_size > 1:
+        train_net = nn.parallel.DistributedDataParallel(state.net, device_ids=[ctx.device.index]
+                                                        if ctx.device.type == "cuda" else None)
+    if run.compile:
+        train_net = torch.compile(train_net)
+    bar = tqdm(total=run.steps, initial=state.step, desc=f"training {ctx.run_dir.name}", unit="step",
+               disable=not ctx.progress, dynamic_ncols=True)
+    state.log = _new_log()
+    stop, stop_agreed = GracefulStop(quiet=not ctx.main), False
+    state.net.train()
+    try:
+        for step in range(state.step, run.steps):
+            if stop_agreed:  # Ctrl-C / SIGTERM came during the previous step, which finished: save and stop
+                _interrupted(task, state, step)
+            # dropout draws from the global generator: seeded per step (and process), so resuming needs no
+            # generator state and the processes of a DDP run drop different units
+            torch.manual_seed(step_seed(run.seed, step, ctx.dist.rank))
+            batch = task.batch(step, state.noise)
+            with autocast(ctx.device):
+                per_example, metrics = task.loss(train_net, batch)
+                loss = per_example.mean()
+            stop_agreed = _update(task, state, loss, metrics, stop.requested)
+            bar.update(1)
+            done = state.step
+            if ctx.main and (done % run.log_every == 0 or done == run.steps):
+                row = _log_row(state, run)
+                ctx.log(row)
+                if row["loss"] is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+            if stop_agreed or done == run.steps:  # an interrupt goes straight to the checkpoint; the end is below
+                continue
+            if run.eval_every and done % run.eval_every == 0:
+                _evaluate(task, state, done)
+            if run.sample_every and done % run.sample_every == 0:
+                _show(task, state.emas["ema"], done)
+            if done % run.checkpoint_every == 0:
+                _checkpoint(task, state, done)
+    finally:
+        stop.restore()
+        bar.close()
+
+
+def _update(task: Task, state: RunState, loss: torch.Tensor, metrics: dict, stop_requested: bool) -> bool:
+    """Backward, clip, share, and -- if the step is finite everywhere -- the optimizer step and the EMAs.
+    Returns whether any process was asked to stop."""
+    ctx, run, world = task.ctx, task.run, task.ctx.dist.world_size
+    params, updates = list(state.net.parameters()), state.updates
+    lr = learning_rate(updates, run)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP the gradients arrive averaged over all processes
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.grad_clip if run.grad_clip > 0 else math.inf)
+    # one small all-reduce per step: the mean loss and metrics, and whether any process was asked to stop
+    shared = distributed.all_reduce_(torch.stack([loss.detach().float(), grad_norm.float(),
+                                                  *(m.detach().float().mean() for m in metrics.values()),
+                                                  torch.tensor(float(stop_requested), device=ctx.device)]), "sum")
+    mean_loss, grad_norm = shared[0] / world, shared[1] / world
+    state.step += 1
+    log = state.log
+    log.update(steps=log["steps"] + 1, lr=lr, grad_norm=float(grad_norm))
+    if torch.isfinite(mean_loss) and torch.isfinite(grad_norm):
+        state.optimizer.step()
+        with torch.no_grad():  # outside autograd, or every step would extend the graph
+            for name, decay in task.ema_decays().items():
+                # EMA with a warm-up so short runs are not dominated by the initialisation
+                decay = min(decay, (1 + updates) / (10 + updates))
+                torch._foreach_lerp_(list(state.emas[name].parameters()), params, 1 - decay)
+                for b_ema, b in zip(state.emas[name].buffers(), state.net.buffers()):  # e.g. BatchNorm statistics
+                    b_ema.copy_(b)
+        names = ["loss", *metrics]
+        for name, value in zip(names, shared[[0, *range(2, len(names) + 1)]] / world):  # loss, then the metrics
+            log["sums"][name] = log["sums"].get(name, 0.0) + float(value)
+        log.update(finite=log["finite"] + 1, bad_in_a_row=0)
+    else:  # a non-finite step changes nothing: no update, no EMA, no schedule step; counted and logged
+        state.skipped += 1
+        log["bad_in_a_row"] += 1
+        if ctx.main:
+            tqdm.write(f"warning: step {state.step}: non-finite loss or gradient, step skipped "
+                       f"({log['bad_in_a_row']} in a row, {state.skipped} in all)")
+        if run.max_bad_steps and log["bad_in_a_row"] >= run.max_bad_steps:
+            path = _checkpoint(task, state, state.step)
+            raise DifflabError(
+                f"{log['bad_in_a_row']} non-finite steps in a row (up to step {state.step}): training diverged. The "
+                f"weights were not touched by those steps{f' and are saved in {path}' if path else ''}; resume with "
+                f"a lower --lr or --grad-clip: {task.command} --resume {ctx.run_dir} --lr {run.lr / 10:g}",
+                all_ranks=True)
+    return bool(shared[-1] > 0)
+
+
+def _new_log(bad_in_a_row: int = 0) -> dict:
+    """Sums for the next log row: steps and finite steps since the last row, loss and metric sums over the
+    finite ones, the clock, and the non-finite steps in a row (which carry over rows)."""
+    return {"steps": 0, "finite": 0, "sums": {}, "t": time.perf_counter(), "bad_in_a_row": bad_in_a_row}
+
+
+def _log_row(state: RunState, run) -> dict:
+    """The next row of log.jsonl (loss None: every step since the last row was skipped)."""
+    log, now = state.log, time.perf_counter()
+    means = {k: v / log["finite"] for k, v in log["sums"].items()} if log["finite"] else {}
+    row = {"step": state.step, "loss": means.pop("loss", None), **means, "lr": log["lr"], "grad_norm": log["grad_norm"],
+           "img_per_s": log["steps"] * run.batch_size / (now - log["t"]), "skipped": state.skipped}
+    state.log = _new_log(log["bad_in_a_row"])
+    return row
+
+
+def _interrupted(task: Task, state: RunState, step: int) -> None:
+    """Save (unless this step already has a checkpoint) and stop every process with one message."""
+    if state.saved != step:
+        _checkpoint(task, state, step)
+    newest = (list_checkpoints(task.ctx.run_dir) or [None])[-1]
+    raise DifflabError(f"interrupted after step {step}; " + (
+        f"newest checkpoint: {newest}. Continue with: {task.command} --resume {task.ctx.run_dir}"
+        if newest else "no checkpoint could be written"), all_ranks=True)
+
+
+def _checkpoint(task: Task, state: RunState, step: int, *, final: bool = False) -> Path | None:
+    """Write a checkpoint (main process only). A failed write (disk full, ...) is reported and training goes on
+    with the previous checkpoints intact; only the final one must succeed, and then every process learns of the
+    failure, so none waits for the others."""
+    ctx = task.ctx
+    if ctx.dist.world_size > 1:  # DDP keeps the copies identical; check it (a float64 checksum per process)
+        with torch.no_grad():
+            total = torch.stack([torch.cat([p.flatten() for p in m.parameters()]).double().sum()
+                                 for m in (state.net, *state.emas.values())])
+        spread = (distributed.all_reduce_(total.clone(), "max") - distributed.all_reduce_(total.clone(), "min")).abs()
+        ctx.log({"step": step, "rank_weight_spread": float(spread.max())})
+        if ctx.main and spread.max() > 0:
+            tqdm.write(f"warning: the {ctx.dist.world_size} processes hold different weights at step {step} "
+                       f"(checksum spread {float(spread.max()):.3g}); this should not happen under DDP")
+
+    def write() -> Path:
+        tensors, opt_meta = optimizer_to_tensors(state.optimizer)
+        tensors["rng.noise"] = state.noise.get_state()
+        extra = {name: ema for name, ema in state.emas.items() if name != "ema"}
+        return save_checkpoint(ctx.run_dir, step, model=state.net, ema=state.emas["ema"], config=task.model_config(),
+                               state_tensors=tensors, extra_weights=extra, keep=task.run.keep,
+                               state_json={"optimizer": opt_meta, "skipped": state.skipped,
+                                           "noise_device": ctx.device.type})
+
+    state.saved = step  # on every rank (success or not), so all agree whether the step still needs one
+    if final:
+        return distributed.main_first(write, error_prefix="training finished but its final checkpoint failed: ")
+    path = None
+    if ctx.main:
+        try:
+            path = write()
+        except CheckpointWriteError as e:
+            tqdm.write(f"warning: {e}; training continues, the newest good checkpoint stays "
+                       f"{(list_checkpoints(ctx.run_dir) or [Path('(none yet)')])[-1]}")
+    return path
+
+
+def _evaluate(task: Task, state: RunState, step: int) -> None:
+    metrics = task.evaluate(step, state.emas["ema"])
+    if metrics:
+        task.ctx.log({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+
+
+def _show(task: Task, ema: nn.Module, step: int) -> None:
+    """The task's progress picture, then the loss plot."""
+    task.show(step, ema)
+    ctx = task.ctx
+    ctx.on_main("drawing the loss plot", lambda: plot_loss(ctx.run_dir / "log.jsonl", ctx.run_dir / "loss.png"))
+

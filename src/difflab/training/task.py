@@ -1,0 +1,125 @@
+"""The task seam: what an objective supplies to the one training loop (:mod:`difflab.training.loop`).
+
+The loop owns everything that is not the objective: seeding and exact resume, torchrun/DDP, the learning-rate
+schedule, autocast, gradient clipping, the non-finite-step gate, the EMAs, logging and the loss plot, interrupts
+and atomic checkpoints. A task supplies only what is specific to it (EDM2's loop calls ``loss_fn(net, images,
+labels)`` the same way):
+
+    class MyTask(Task):
+        name, noun, command = "my-task", "my model", "difflab train-my-task"
+        config_class = MyConfig                        # its own settings, a dataclass of training.config.setting()s
+
+        def setup(self) -> nn.Module: ...              # load data, build and return the network to train
+        def batch(self, step, generator): ...          # this process's share of global batch ``step``
+        def loss(self, net, batch): ...                # per-example loss (n,) and per-example metrics to log
+        def model_config(self) -> dict: ...            # config.json that rebuilds the trained model
+        def show(self, step, ema): ...                 # optional: a progress picture (sample grid, ...)
+        def evaluate(self, step, ema): ...             # optional: metrics of the EMA model, logged as eval_*
+        def finish(self, ema): ...                     # optional: after the final checkpoint (accuracy table, ...)
+
+Registering it in :data:`difflab.tasks.TASKS` gives it a ``difflab`` command with one flag per setting.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from difflab.distributed import DistInfo
+from difflab.training.config import RunConfig
+
+
+@dataclass
+class Context:
+    """The run as a task sees it: which process this is, on which device, and where the run folder is."""
+
+    dist: DistInfo
+    progress: bool                       # show progress bars (the main process, unless asked to be quiet)
+    run_dir: Path | None = None          # set once the folder is chosen (before the first step)
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def main(self) -> bool:
+        return self.dist.is_main
+
+    def on_main(self, what: str, fn: Callable[[], Any]) -> None:
+        """A side effect of the main process only (a log row, a picture, a file). It must never end a run (a full
+        disk, a metric that cannot be computed from too few samples): a failure is reported and training goes on."""
+        if self.main:
+            try:
+                fn()
+            except Exception as e:  # no collective runs in here, so the other processes are not left waiting
+                tqdm.write(f"warning: {what} failed: {type(e).__name__}: {e}; training continues")
+
+    def log(self, row: dict) -> None:
+        """Append one JSON row to the run's ``log.jsonl`` (main process; failures are reported, not raised)."""
+        def append() -> None:
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+        self.on_main("writing the log", append)
+
+
+class Task:
+    """Base class of training objectives; see the module doc for what a subclass defines."""
+
+    name: ClassVar[str]                   # registry key and the section of the run's config.json
+    noun: ClassVar[str]                   # what it trains, in messages ("a ... run")
+    command: ClassVar[str]                # the command that resumes it, in messages
+    config_class: ClassVar[type]          # its own settings
+    run_defaults: ClassVar[dict] = {}     # its defaults for shared settings (RunConfig fields)
+    folder_suffix: ClassVar[str] = ""     # default run folder: dataset name + suffix
+    summary: ClassVar[str] = ""           # its command in `difflab --help`
+    description: ClassVar[str] = ""       # ... and at the top of the command's --help
+    examples: ClassVar[str] = ""          # ... and at the bottom
+    report: ClassVar[str] = "{run}"       # printed when training ends ({run}: the run folder)
+
+    def __init__(self, run: RunConfig, config, ctx: Context):
+        self.run, self.config, self.ctx = run, config, ctx
+
+    @classmethod
+    def check(cls, run: RunConfig, config) -> None:
+        """One-line errors for settings out of range, before any work is done."""
+
+    def setup(self) -> nn.Module:
+        """Load the data and build the network to train (on ``ctx.device``). May replace ``self.run`` and
+        ``self.config`` with copies whose values were resolved from the data (image size, channels, ...): those
+        are what the run folder's config.json records."""
+        raise NotImplementedError
+
+    def ema_decays(self) -> dict[str, float]:
+        """The moving averages of the weights to keep: name -> decay; the first is ``ema`` (what is sampled)."""
+        return {"ema": self.run.ema_decay}
+
+    def batch(self, step: int, generator: torch.Generator) -> Any:
+        """This process's share of global batch ``step``: every random draw from ``generator`` (saved in every
+        checkpoint), drawn for the whole global batch before it is sliced, so any number of processes train alike."""
+        raise NotImplementedError
+
+    def loss(self, net: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-example loss (n,) and per-example metrics (name -> (n,)) to log as averages. Runs under autocast;
+        ``net`` is the network from :meth:`setup`, wrapped for DDP or compiled when asked."""
+        raise NotImplementedError
+
+    def model_config(self) -> dict:
+        """The JSON that rebuilds the trained model (config.json of every checkpoint)."""
+        raise NotImplementedError
+
+    def show(self, step: int, ema: nn.Module) -> None:
+        """Draw a progress picture into the run folder (called on every process; write files via ``ctx.on_main``)."""
+
+    def evaluate(self, step: int, ema: nn.Module) -> dict[str, float] | None:
+        """Metrics of the EMA model, logged with an ``eval_`` prefix (called on every process)."""
+        return None
+
+    def finish(self, ema: nn.Module) -> None:
+        """Work after the final checkpoint (called on every process)."""
