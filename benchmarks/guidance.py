@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 import torch
-from difflab.classifier import format_accuracy_table
 
 import difflab
 from difflab.data import load_dataset, to_model_range
 from difflab.metrics import compute_features, evaluate_features
 from difflab.metrics.domain import load_domain_extractor
+from difflab.tasks.noisy_classifier import format_accuracy_table
 from difflab.viz import save_grid
 
 

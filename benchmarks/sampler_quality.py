@@ -16,11 +16,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import linalg
 
 import difflab
 from difflab.data import load_dataset, to_model_range
+from difflab.devices import autocast
 from difflab.samplers import SAMPLERS
 
 
@@ -57,12 +57,12 @@ def main() -> None:
 
     def quality(sampler: str, steps: int, spacing: str, **options) -> tuple[float, int]:
         stats: dict = {}
-        with torch.autocast("cuda", torch.bfloat16, enabled=model.device.type == "cuda"):
-            images = difflab.generate(model.denoiser, model.image_shape, args.n, sampler=sampler, steps=steps,
-                                      spacing=spacing, seed=args.seed, stats=stats, **options)
+        with autocast(model.device):
+            images = difflab.generate(model, args.n, sampler=sampler, steps=steps, spacing=spacing, seed=args.seed,
+                                      stats=stats, **options)
         return frechet_distance(images.flatten(1).cpu().double().numpy(), real), stats["nfe"]
 
-    reference, _ = quality("ddpm", model.denoiser.schedule.T, "uniform")
+    reference, _ = quality("ddpm", model.parameterization.default_steps("ddpm"), "uniform")
     budgets = [int(b) for b in args.nfe.split(",")]
     results = {"reference_ddpm_1000": reference, "samplers": {}}
     print(f"reference: DDPM, 1000 steps: Frechet distance {reference:.4f} (pixel space, n={args.n})")

@@ -14,11 +14,13 @@ import argparse
 import time
 
 import torch
-from difflab.pipeline import generate, resolve_device
 
-from difflab.denoisers import Denoiser
+from difflab.denoisers import Denoiser, VPParameterization
+from difflab.devices import autocast, resolve_device
+from difflab.generate import generate
 from difflab.losses import denoising_loss
-from difflab.nn import UNet, unet_config
+from difflab.models import build, model_config
+from difflab.nn import unet_config
 from difflab.schedules import make_schedule
 
 
@@ -42,20 +44,20 @@ def main() -> None:
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
-    net = UNet(unet_config(args.preset, image_size=args.size, in_channels=args.channels)).to(device)
+    param = VPParameterization(make_schedule("linear", 1000))
+    ucfg = unet_config(args.preset, image_size=args.size, in_channels=args.channels)
+    model = build(model_config(ucfg, parameterization=param, data={"name": "random"})).to(device)
+    net = model.denoiser.net
     if cuda:
         net = net.to(memory_format=torch.channels_last)
-    schedule = make_schedule("linear", 1000)
-    denoiser = Denoiser(torch.compile(net) if args.compile else net, schedule, "eps")
+    denoiser = Denoiser(torch.compile(net) if args.compile else net, param)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda or None)
-    sigmas = schedule.sigmas.to(device=device, dtype=torch.float32)
     x0 = torch.rand(args.batch, args.channels, args.size, args.size, device=device) * 2 - 1
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
 
     def step():
-        t = torch.randint(0, 1000, (args.batch,), device=device)
-        with autocast:
-            loss = denoising_loss(denoiser, x0, sigmas[t], torch.randn_like(x0)).mean()
+        sigma = param.sample_sigma(args.batch, None, device)
+        with autocast(device):
+            loss = denoising_loss(denoiser, x0, sigma, torch.randn_like(x0), weight=param.loss_weight(sigma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -70,12 +72,11 @@ def main() -> None:
     train_ips = args.steps * args.batch / (time.perf_counter() - start)
 
     net.eval()
-    shape = (args.channels, args.size, args.size)
-    with autocast:
-        generate(denoiser, shape, min(8, args.sample_batch), steps=2)  # warm-up
+    with autocast(device):
+        generate(model, min(8, args.sample_batch), steps=2)  # warm-up
         sync(device)
         start = time.perf_counter()
-        generate(denoiser, shape, args.sample_batch, steps=args.sample_steps, batch_size=args.sample_batch)
+        generate(model, args.sample_batch, steps=args.sample_steps, batch_size=args.sample_batch)
         sync(device)
     sample_ips = args.sample_batch / (time.perf_counter() - start)
 

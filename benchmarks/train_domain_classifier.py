@@ -3,17 +3,24 @@
     python benchmarks/train_domain_classifier.py                      # both: digits, fashion-mnist
     python benchmarks/train_domain_classifier.py --datasets digits --epochs 5 --out /tmp/clf
 
-Writes ``classifier-<dataset>.safetensors`` (weights) and ``classifier-<dataset>.json`` (config, class names,
-held-out accuracy, training details) into ``src/difflab/assets`` (or ``--out``), then prints a table.
-CPU only, a few minutes per dataset on one thread; the same seed and thread count give the same weights
+Training runs through difflab's one training loop (:mod:`difflab.training`) as a task defined here, so it has what
+every run has: a run folder (``--runs``, default ``runs/``) with log, loss plot and checkpoints, exact resume,
+Ctrl-C, torchrun. Then it writes ``classifier-<dataset>.safetensors`` (weights) and ``classifier-<dataset>.json``
+(config, class names, held-out accuracy, training details) into ``src/difflab/assets`` (or ``--out``) and prints
+a table. CPU only, a few minutes per dataset on one thread; the same seed and thread count give the same weights
 on the same machine (other CPUs may round differently).
 The held-out accuracy is measured through ``DomainExtractor.predict`` -- the code path users and the tests
 run -- and the written files are reloaded and checked against it.
+
+The shipped weights (2026-11-25) came from this script's earlier stand-alone loop (commit f1e0f49: per-epoch
+permutations, OneCycleLR); the loop here orders data and schedules the rate as every difflab run does, so a rerun
+gives different weights of similar accuracy (see the README).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -22,15 +29,21 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from difflab.checkpoint import write_json
-from difflab.nn.classifier import ClassifierConfig, SmallClassifier
 from safetensors.torch import load_file, save_file
 
+from difflab import distributed
 from difflab.data import to_model_range
 from difflab.metrics.domain import DOMAIN_EXTRACTORS, DomainExtractor, load_domain_split
+from difflab.nn import DomainClassifier, DomainClassifierConfig
+from difflab.training import loop
+from difflab.training.checkpoint import latest_valid_checkpoint, load_weights, write_json
+from difflab.training.config import setting
+from difflab.training.runs import batch_indices
+from difflab.training.task import Task
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "difflab" / "assets"
 
@@ -39,7 +52,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "src" / "difflab" / "assets"
 class Recipe:
     """How one dataset's classifier is built and trained."""
 
-    config: ClassifierConfig
+    config: DomainClassifierConfig
     epochs: int                 # passes over the training split
     batch_size: int = 128
     lr: float = 3e-3            # AdamW peak learning rate (one-cycle: warm-up, then cosine to ~0)
@@ -52,13 +65,13 @@ class Recipe:
 
 RECIPES = {
     "fashion-mnist": Recipe(
-        config=ClassifierConfig(image_size=28, in_channels=1, num_classes=10, channels=(16, 32, 64, 128),
-                                blocks=(1, 1, 1, 1), feature_dim=128, dropout=0.1),  # 28 -> 14 -> 7 -> 3
+        config=DomainClassifierConfig(image_size=28, in_channels=1, num_classes=10, channels=(16, 32, 64, 128),
+                                      blocks=(1, 1, 1, 1), feature_dim=128, dropout=0.1),  # 28 -> 14 -> 7 -> 3
         epochs=10, batch_size=128, lr=3e-3, weight_decay=5e-4, shift=2, hflip=True,
         data_source="Fashion-MNIST (Xiao et al. 2017), official IDX files: 60,000 train / 10,000 test"),
     "digits": Recipe(
-        config=ClassifierConfig(image_size=8, in_channels=1, num_classes=10, channels=(32, 64),
-                                blocks=(2, 2), feature_dim=128, dropout=0.3),  # 8 -> 4
+        config=DomainClassifierConfig(image_size=8, in_channels=1, num_classes=10, channels=(32, 64),
+                                      blocks=(2, 2), feature_dim=128, dropout=0.3),  # 8 -> 4
         epochs=60, batch_size=64, lr=3e-3, weight_decay=0.05, shift=1, hflip=False,
         data_source="UCI optical digits 8x8 (bundled difflab/assets/digits.npz): first 1,437 train, last 360 test"),
 }
@@ -81,47 +94,75 @@ def augment(x: torch.Tensor, *, shift: int, hflip: bool, generator: torch.Genera
     return x
 
 
-def train_one(dataset: str, recipe: Recipe, *, seed: int, log_every: int) -> tuple[SmallClassifier, dict]:
-    """Train from scratch; returns the model (eval mode) and a dict of training details for the JSON."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    train = load_domain_split(dataset, "train")
-    x_all, y_all = to_model_range(train.images), train.labels
-    model = SmallClassifier(recipe.config)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps_per_epoch = -(-len(x_all) // recipe.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, epochs=recipe.epochs,
-                                                steps_per_epoch=steps_per_epoch, pct_start=0.2)
+@dataclass
+class DomainSettings:
+    """The domain-classifier task's own settings: which recipe (dataset) and its augmentation."""
+
+    domain: str = setting("digits", "which shipped classifier: digits or fashion-mnist", frozen=True)
+    shift: int = setting(1, "random translation by up to this many pixels (edges filled with background)",
+                         frozen=True)
+
+
+class DomainBatch(NamedTuple):
+    x: torch.Tensor       # augmented images in [-1, 1]
+    labels: torch.Tensor
+
+
+class DomainClassifierTask(Task):
+    """Cross-entropy on augmented training images of a domain split (difflab.metrics.domain.load_domain_split)."""
+
+    name, noun, command = "domain-classifier", "domain classifier", "python benchmarks/train_domain_classifier.py"
+    config_class = DomainSettings
+    folder_suffix = "-domain-classifier"
+
+    def setup(self) -> torch.nn.Module:
+        device = self.ctx.device
+        train = load_domain_split(self.config.domain, "train")
+        self.x, self.labels = to_model_range(train.images).to(device), train.labels.to(device)
+        self.shard = slice(*distributed.shard_range(self.run.batch_size, self.ctx.dist.rank, self.ctx.dist.world_size))
+        self.recipe = RECIPES[self.config.domain]
+        _, channels, size, _ = train.images.shape
+        self.run = dataclasses.replace(self.run, image_size=size, channels=channels)
+        return DomainClassifier(self.recipe.config).to(device)
+
+    def batch(self, step: int, generator: torch.Generator) -> DomainBatch:
+        run = self.run
+        idx = batch_indices(step, run.batch_size, len(self.x), run.seed).to(self.x.device)
+        x = augment(self.x[idx], shift=self.config.shift, hflip=bool(run.hflip), generator=generator)
+        return DomainBatch(x[self.shard], self.labels[idx][self.shard])
+
+    def loss(self, net, b: DomainBatch):
+        logits = net(b.x)  # (n, K)
+        correct = (logits.argmax(1) == b.labels).float()
+        return F.cross_entropy(logits, b.labels, reduction="none"), {"train_accuracy": correct}
+
+    def model_config(self) -> dict:
+        return {"format": "difflab-domain-classifier/1", "dataset": self.config.domain,
+                "config": self.recipe.config.to_dict()}
+
+
+def train_one(dataset: str, recipe: Recipe, *, seed: int, runs: Path) -> tuple[DomainClassifier, dict]:
+    """Train from scratch through the training loop; returns the model (eval mode) and the training details."""
+    steps = recipe.epochs * -(-len(load_domain_split(dataset, "train")) // recipe.batch_size)
     start = time.perf_counter()
-    model.train()
-    for epoch in range(recipe.epochs):
-        order = torch.randperm(len(x_all), generator=generator)
-        total, correct, seen = 0.0, 0, 0
-        for i in range(steps_per_epoch):
-            idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
-            x = augment(x_all[idx], shift=recipe.shift, hflip=recipe.hflip, generator=generator)
-            y = y_all[idx]
-            logits = model(x)                                                     # (B, K)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-        if (epoch + 1) % log_every == 0 or epoch + 1 == recipe.epochs:
-            print(f"  {dataset} epoch {epoch + 1}/{recipe.epochs}: loss {total / seen:.4f}, "
-                  f"train acc {correct / seen:.4f} (augmented), {time.perf_counter() - start:.0f}s", flush=True)
+    run = loop.train(DomainClassifierTask, dict(
+        domain=dataset, shift=recipe.shift, dataset=dataset, hflip=recipe.hflip, steps=steps,
+        batch_size=recipe.batch_size, lr=recipe.lr, lr_schedule="cosine", warmup=steps // 5,
+        weight_decay=recipe.weight_decay, grad_clip=0.0, ema_decay=0.0, seed=seed, device="cpu", out=str(runs),
+        name=f"{dataset}-domain-classifier", log_every=max(1, steps // 20), sample_every=0,
+        checkpoint_every=steps), overwrite=True)
+    model = DomainClassifier(recipe.config)
+    model.load_state_dict(load_weights(latest_valid_checkpoint(run), "model"), strict=True)
     model.eval()
     details = {
-        "epochs": recipe.epochs, "batch_size": recipe.batch_size, "optimizer": "AdamW",
-        "lr": recipe.lr, "lr_schedule": "one-cycle (20% warm-up, cosine decay)",
+        "epochs": recipe.epochs, "steps": steps, "batch_size": recipe.batch_size, "optimizer": "AdamW",
+        "lr": recipe.lr, "lr_schedule": "20% linear warm-up, then cosine decay to 0 (difflab's training loop)",
         "weight_decay": recipe.weight_decay, "loss": "cross-entropy",
         "augmentation": f"random shift up to {recipe.shift}px" + (", horizontal flip" if recipe.hflip else ""),
-        "seed": seed, "train_images": len(x_all), "seconds": round(time.perf_counter() - start, 1),
-        "date": datetime.date.today().isoformat(), "data_source": recipe.data_source,
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "seed": seed, "train_images": len(load_domain_split(dataset, "train")),
+        "seconds": round(time.perf_counter() - start, 1), "date": datetime.date.today().isoformat(),
+        "data_source": recipe.data_source, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.machine(), "run": str(run),
     }
     return model, details
 
@@ -132,7 +173,7 @@ def held_out_accuracy(extractor: DomainExtractor, dataset: str) -> tuple[float, 
     return float((predicted == test.labels).float().mean()), len(test)
 
 
-def write_assets(dataset: str, model: SmallClassifier, meta: dict, out: Path) -> tuple[Path, Path]:
+def write_assets(dataset: str, model: DomainClassifier, meta: dict, out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     weights = out / f"classifier-{dataset}.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -151,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads (default 1: the shipped weights were trained so, and the float sums, hence "
                         "the weights, can differ in the last bits with another thread count)")
     p.add_argument("--out", type=Path, default=ASSETS, help=f"folder for the files (default {ASSETS})")
-    p.add_argument("--log-every", type=int, default=None, help="print every this many epochs (default: ~10 lines)")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="folder for the training runs (default: runs)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -162,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.epochs is not None:
             recipe.epochs = args.epochs
         print(f"training the {dataset} classifier ({recipe.epochs} epochs)", flush=True)
-        model, details = train_one(dataset, recipe, seed=args.seed,
-                                   log_every=args.log_every or max(1, recipe.epochs // 10))
+        model, details = train_one(dataset, recipe, seed=args.seed, runs=args.runs)
         test = load_domain_split(dataset, "test")
         extractor = DomainExtractor(model, dataset=dataset, class_names=test.class_names, test_accuracy=float("nan"))
         accuracy, n_test = held_out_accuracy(extractor, dataset)
@@ -184,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         weights, config = write_assets(dataset, model, meta, args.out)
         # Reload what was written and measure again: the stored accuracy must be what users will get.
-        reloaded = SmallClassifier(ClassifierConfig.from_dict(json.loads(config.read_text())["config"]))
+        reloaded = DomainClassifier(DomainClassifierConfig.from_dict(json.loads(config.read_text())["config"]))
         reloaded.load_state_dict(load_file(weights), strict=True)
         again, _ = held_out_accuracy(DomainExtractor(reloaded, dataset=dataset, class_names=test.class_names,
                                                      test_accuracy=accuracy), dataset)

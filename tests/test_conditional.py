@@ -190,6 +190,7 @@ def test_cli_guidance(cond_run, clf_run, tmp_path, capsys):
     _one_line_error(capsys, ["sample", str(cond_run), "--guidance-rescale", "2"], "rescale")
     _one_line_error(capsys, ["sample", str(cond_run), "--classifier", str(clf_run)], "class-conditional")
     _one_line_error(capsys, ["sample", str(uncond), "--classifier", str(uncond)], "not a noise-aware classifier")
+    _one_line_error(capsys, ["sample", str(clf_run)], "noise-aware classifier, not a diffusion model")
     _one_line_error(capsys, ["train-classifier", "--dataset", str(tmp_path / "none"), "--out", str(tmp_path)], "none")
     _one_line_error(capsys, ["train-classifier", "--holdout", "1.5", "--out", str(tmp_path)], "holdout")
 

@@ -21,12 +21,16 @@ from safetensors.torch import load_file
 import difflab
 from difflab.cli import main
 from difflab.errors import DifflabError
-from difflab.tasks import DiffusionTask
+from difflab.tasks import DiffusionTask, NoisyClassifierTask
 from difflab.training import loop
 from difflab.training.checkpoint import list_checkpoints
 
 TINY = dict(progress=False, batch_size=16, log_every=1, sample_every=0, num_samples=2, sample_steps=1, warmup=2,
             model={"base_channels": 16})
+# every task runs through the one loop: the injected faults below are tried on each of them
+TASKS = {"diffusion": (DiffusionTask, TINY, "train"),
+         "classifier": (NoisyClassifierTask, dict(progress=False, batch_size=16, log_every=1, sample_every=0, warmup=2,
+                                                  model={"base_channels": 16}), "train-classifier")}
 
 
 def _weights(checkpoint: Path, which: str = "model") -> dict:
@@ -52,7 +56,8 @@ def test_resume_is_bit_identical_with_dropout_flips_and_labels(tmp_path):
         assert _same(_weights(straight / "checkpoints/step_0000006", which), _weights(half / "checkpoints/step_0000006", which))
 
 
-def test_failed_checkpoint_write_is_reported_and_training_continues(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("task", TASKS)
+def test_failed_checkpoint_write_is_reported_and_training_continues(tmp_path, monkeypatch, capsys, task):
     import difflab.training.checkpoint as ckpt
 
     original, calls = ckpt.save_file, {"n": 0}
@@ -65,7 +70,8 @@ def test_failed_checkpoint_write_is_reported_and_training_continues(tmp_path, mo
         return original(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "save_file", flaky)
-    run = difflab.train(steps=6, checkpoint_every=2, keep=5, out=str(tmp_path), name="r", **TINY)
+    task_class, settings, _ = TASKS[task]
+    run = loop.train(task_class, steps=6, checkpoint_every=2, keep=5, out=str(tmp_path), name="r", **settings)
     out = capsys.readouterr().out
     assert "No space left on device" in out and "training continues" in out, out
     assert [c.name for c in list_checkpoints(run)] == ["step_0000002", "step_0000006"]
@@ -73,34 +79,39 @@ def test_failed_checkpoint_write_is_reported_and_training_continues(tmp_path, mo
     assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4, 5, 6]  # every step trained and logged
 
 
-def test_damaged_newest_checkpoint_is_skipped_and_resume_stays_exact(tmp_path, capsys):
-    straight = difflab.train(steps=9, checkpoint_every=3, out=str(tmp_path), name="straight", **TINY)
-    run = difflab.train(steps=6, checkpoint_every=3, out=str(tmp_path), name="broken", **TINY)
+@pytest.mark.parametrize("task", TASKS)
+def test_damaged_newest_checkpoint_is_skipped_and_resume_stays_exact(tmp_path, capsys, task):
+    task_class, settings, _ = TASKS[task]
+    straight = loop.train(task_class, steps=9, checkpoint_every=3, out=str(tmp_path), name="straight", **settings)
+    run = loop.train(task_class, steps=6, checkpoint_every=3, out=str(tmp_path), name="broken", **settings)
     newest = run / "checkpoints" / "step_0000006" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # a crash mid-copy, bit rot, ...
-    difflab.train(resume=run, steps=9, progress=False)
+    loop.train(task_class, resume=run, steps=9, progress=False)
     assert "skipping damaged checkpoint" in capsys.readouterr().out
     final = "checkpoints/step_0000009"
     assert _same(_weights(straight / final), _weights(run / final))  # resumed from step 3: still bit-identical
     assert _same(_weights(straight / final, "ema"), _weights(run / final, "ema"))
 
 
-def nan_task(bad_calls: set[int]) -> type[DiffusionTask]:
-    """Diffusion training whose loss turns NaN at the given calls (counted from 1): a fake objective injected
+def nan_task(task_class, bad_calls: set[int]):
+    """``task_class`` with a loss that turns NaN at the given calls (counted from 1): a fake objective injected
     into the one training loop."""
     calls = {"n": 0}
 
-    class NaNDiffusion(DiffusionTask):
+    class WithNaNs(task_class):
         def loss(self, net, batch):
             calls["n"] += 1
             out, metrics = super().loss(net, batch)
             return (out * float("nan") if calls["n"] in bad_calls else out), metrics
 
-    return NaNDiffusion
+    return WithNaNs
 
 
-def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path, capsys):
-    run = loop.train(nan_task({3, 4}), steps=6, checkpoint_every=1, keep=10, out=str(tmp_path), name="nan", **TINY)
+@pytest.mark.parametrize("task", TASKS)
+def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path, capsys, task):
+    task_class, settings, _ = TASKS[task]
+    run = loop.train(nan_task(task_class, {3, 4}), steps=6, checkpoint_every=1, keep=10, out=str(tmp_path),
+                     name="nan", **settings)
     rows = _rows(run)
     assert [r["skipped"] for r in rows] == [0, 0, 1, 2, 2, 2]
     assert rows[2]["loss"] is None and rows[4]["loss"] is not None
@@ -118,24 +129,28 @@ def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path, capsys):
     assert json.loads((ckpts / "step_0000004" / "state.json").read_text())["skipped"] == 2
 
 
-def test_k_non_finite_steps_in_a_row_stop_the_run_with_a_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("task", TASKS)
+def test_k_non_finite_steps_in_a_row_stop_the_run_with_a_good_checkpoint(tmp_path, task):
+    task_class, settings, command = TASKS[task]
     with pytest.raises(DifflabError, match="3 non-finite steps in a row") as err:
-        loop.train(nan_task(set(range(4, 100))), steps=50, max_bad_steps=3, checkpoint_every=100, out=str(tmp_path), name="div", **TINY)
-    assert "--resume" in str(err.value)
+        loop.train(nan_task(task_class, set(range(4, 100))), steps=50, max_bad_steps=3, checkpoint_every=100,
+                   out=str(tmp_path), name="div", **settings)
+    assert f"difflab {command} --resume" in str(err.value)
     run = tmp_path / "div"
     (checkpoint,) = list_checkpoints(run)
     assert checkpoint.name == "step_0000006"
     weights = _weights(checkpoint)
     assert all(torch.isfinite(v).all() for v in weights.values())
-    difflab.train(resume=run, steps=8, lr=1e-4, progress=False)  # a lower rate is allowed on resume
+    loop.train(task_class, resume=run, steps=8, lr=1e-4, progress=False)  # a lower rate is allowed on resume
     assert [c.name for c in list_checkpoints(run)][-1] == "step_0000008"
 
 
-def test_sigint_saves_a_resumable_checkpoint(tmp_path):
+@pytest.mark.parametrize("task", TASKS)
+def test_sigint_saves_a_resumable_checkpoint(tmp_path, task):
+    task_class, _, command = TASKS[task]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "difflab", "train", "--steps", "100000", "--batch-size", "8", "--out", str(tmp_path),
-           "--name", "int", "--sample-every", "0", "--log-every", "1", "--checkpoint-every", "100000", "--quiet",
-           "--num-samples", "2", "--sample-steps", "1"]
+    cmd = [sys.executable, "-m", "difflab", command, "--steps", "100000", "--batch-size", "8", "--out", str(tmp_path),
+           "--name", "int", "--sample-every", "0", "--log-every", "1", "--checkpoint-every", "100000", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     log = tmp_path / "int" / "log.jsonl"
     deadline = time.time() + 120
@@ -145,11 +160,11 @@ def test_sigint_saves_a_resumable_checkpoint(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, (out, err)
-    assert "interrupted after step" in err and "difflab train --resume" in err, err
+    assert "interrupted after step" in err and f"difflab {command} --resume" in err, err
     (checkpoint,) = list_checkpoints(tmp_path / "int")
     step = int(checkpoint.name.split("_")[1])
     assert step >= 3
-    run = difflab.train(resume=tmp_path / "int", steps=step + 2, progress=False)
+    run = loop.train(task_class, resume=tmp_path / "int", steps=step + 2, progress=False)
     assert list_checkpoints(run)[-1].name == f"step_{step + 2:07d}"
 
 
@@ -243,12 +258,32 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     assert abs(a["fid"] - b["fid"]) < 1e-5 * b["fid"] and abs(a["precision"] - b["precision"]) < 0.05, (a, b)
 
 
-def test_ctrl_c_under_torchrun_stops_every_rank_at_one_checkpoint(tmp_path):
+def test_torchrun_trains_the_noise_aware_classifier_like_one_process(tmp_path):
+    """The classifier gained DDP from the one loop: 2 ranks x 8 images give the update of 1 process x 16."""
+    args = ["train-classifier", "--steps", "3", "--batch-size", "16", "--device", "cpu", "--log-every", "1",
+            "--checkpoint-every", "3", "--warmup", "2", "--quiet"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port()), "-m", "difflab"]
+    done = subprocess.run(torchrun + args + ["--out", str(tmp_path / "ddp")], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    for which in ("model", "ema"):
+        a, b = (_weights(tmp_path / r / "digits-classifier" / "checkpoints" / "step_0000003", which) for r in ("ddp", "one"))
+        diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+        assert diff.max() < 2e-4 and (diff > 1e-5).float().mean() < 1e-3, (which, diff.max())
+    rows = [r for r in _rows(tmp_path / "ddp" / "digits-classifier") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(0 <= r["train_accuracy"] <= 1 for r in rows)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_checkpoint(tmp_path, task):
     """Ctrl-C in a terminal reaches the launcher and every worker (one process group); the launcher forwards it
     again. All ranks must agree on the step, rank 0 saves once and says how to resume, and it resumes."""
+    task_class, _, command = TASKS[task]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "difflab", "train", "--steps", "100000", "--batch-size", "16",
+           "--master_port", str(_free_port()), "-m", "difflab", command, "--steps", "100000", "--batch-size", "16",
            "--device", "cpu", "--out", str(tmp_path), "--name", "int", "--sample-every", "0", "--log-every", "1",
            "--checkpoint-every", "100000", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -264,8 +299,8 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_checkpoint(tmp_path):
     assert len(messages) == 1 and "interrupted after step" in messages[0] and "--resume" in messages[0], out + err
     (checkpoint,) = list_checkpoints(tmp_path / "int")
     step = int(checkpoint.name.split("_")[1])
-    assert f"step {step};" in messages[0]
-    run = difflab.train(resume=tmp_path / "int", steps=step + 1, progress=False, device="cpu")
+    assert f"step {step};" in messages[0] and f"difflab {command} --resume" in messages[0]
+    run = loop.train(task_class, resume=tmp_path / "int", steps=step + 1, progress=False, device="cpu")
     assert list_checkpoints(run)[-1].name == f"step_{step + 1:07d}"
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import json
 import os
 from dataclasses import dataclass
@@ -129,10 +130,17 @@ def session(device: str | torch.device = "auto"):
 
 
 def teardown() -> None:
-    """Leave the process group if :func:`setup` created it (a no-op otherwise)."""
+    """Leave the process group if :func:`setup` created it (a no-op otherwise).
+
+    Unreachable objects that still hold the group -- a ``DistributedDataParallel`` wrapper in a reference cycle,
+    say -- are collected first: ``destroy_process_group`` only drops the registry's reference, and a Gloo group
+    that is destroyed later, during interpreter shutdown, can abort the process (SIGABRT, "terminate called
+    without an active exception", seen under torchrun on CPU)."""
     global _created_group
     if _created_group and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
     _created_group = False
 
 

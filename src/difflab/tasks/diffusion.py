@@ -1,4 +1,4 @@
-"""Diffusion training (tutorial §4.1; DDPM Algorithm 1; EDM Algorithm "training"), the task behind ``difflab train``.
+"""Diffusion training (tutorial §4.1; DDPM Algorithm 1; EDM §5 and Table 1), the task behind ``difflab train``.
 
 Each step draws clean images x0 (optionally mirrored), noise levels sigma from the parameterization's training
 distribution (DDPM: t ~ U{1..T}; EDM: ln sigma ~ N(P_mean, P_std^2)), noise n ~ N(0, I) and -- for a
