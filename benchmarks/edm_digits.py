@@ -73,11 +73,11 @@ def main() -> int:
             measure(model, sampler, steps, spacing)
     if not args.skip_ddpm:
         measure("eps", "ddpm", 1000, "uniform")
+    RESULTS.mkdir(exist_ok=True)
     for model in GRID:  # what the best few-step setting of each looks like
         images = difflab.sample(runs[model][0], 64, sampler="heun", steps=10, spacing="karras", seed=0, device="cpu")
         save_grid(images * 2 - 1, RESULTS / f"edm_digits_{model}_heun19.png", nrow=8)
 
-    RESULTS.mkdir(exist_ok=True)
     out = {"n": args.n, "training_steps": args.steps, "wall_time_s": {m: r[1] for m, r in runs.items()}, "rows": rows,
            "features": "domain-digits (FID comparable only within this project)", "date": time.strftime("%Y-%m-%d")}
     (RESULTS / "edm_digits.json").write_text(json.dumps(out, indent=2))

@@ -82,15 +82,15 @@ def augment(x: torch.Tensor, *, shift: int, hflip: bool, generator: torch.Genera
     horizontal flips, each drawn per image: ``(N, C, H, W) -> (N, C, H, W)``."""
     n, _, h, w = x.shape
     if hflip:
-        flip = torch.rand(n, generator=generator) < 0.5
+        flip = torch.rand(n, generator=generator, device=x.device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if shift > 0:
         padded = F.pad(x, (shift,) * 4, value=-1.0)                       # (N, C, H + 2s, W + 2s)
-        dy, dx = torch.randint(0, 2 * shift + 1, (2, n), generator=generator)
-        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]          # (N, 1, H, 1)
-        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]          # (N, 1, 1, W)
-        chans = torch.arange(x.shape[1])[None, :, None, None]             # (1, C, 1, 1)
-        x = padded[torch.arange(n)[:, None, None, None], chans, rows, cols]  # (N, C, H, W)
+        dy, dx = torch.randint(0, 2 * shift + 1, (2, n), generator=generator, device=x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (N, 1, H, 1)
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (N, 1, 1, W)
+        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]     # (1, C, 1, 1)
+        x = padded[torch.arange(n, device=x.device)[:, None, None, None], chans, rows, cols]  # (N, C, H, W)
     return x
 
 

@@ -91,7 +91,7 @@ def test_settings_that_do_not_apply_are_one_line_errors(tmp_path, capsys):
     for argv, fragment in [(["--parameterization", "edm", "--prediction", "x0"], "--prediction applies to"),
                            (["--parameterization", "edm", "--schedule", "cosine"], "--schedule applies to"),
                            (["--sigma-data", "0.5"], "--sigma-data applies to --parameterization edm"),
-                           (["--parameterization", "edm", "--sigma-data", "-1"], "--sigma-data must be"),
+                           (["--parameterization", "edm", "--sigma-data", "-1"], "--sigma-data) must be"),
                            (["--parameterization", "flow"], "--parameterization must be one of")]:
         assert main(["train", "--out", str(tmp_path), "--quiet", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]

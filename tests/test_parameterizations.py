@@ -98,6 +98,24 @@ def test_a_tiny_network_trained_with_the_edm_objective_learns_the_exact_denoiser
             assert err < 0.1 * spread, (sigma, float(err), spread)
 
 
+def test_the_noise_aware_classifier_sees_in_sigma_coordinates_what_it_was_trained_on():
+    """Trained on q_sample(x0, t, n) and t; at sampling time NoisyClassifier builds the same input from x = x0 + sigma_t n
+    through the VP parameterization (c_in x = x_t, c_noise = t)."""
+    from difflab.models import NoisyClassifier
+    from difflab.nn import UNetClassifier, unet_config
+    from difflab.schedules import q_sample
+
+    torch.manual_seed(0)
+    schedule = make_schedule("linear", 1000)
+    net = UNetClassifier(unet_config("tiny", image_size=8, in_channels=1, base_channels=16), 10).eval()
+    clf = NoisyClassifier(net, VPParameterization(schedule), [str(i) for i in range(10)])
+    x0, noise, t = torch.rand(4, 1, 8, 8) * 2 - 1, torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999])
+    sigma = schedule.sigmas[t].float()
+    with torch.no_grad():
+        torch.testing.assert_close(clf(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma),
+                                   net(q_sample(x0, t, noise, schedule), t.float()), rtol=1e-4, atol=1e-4)
+
+
 def test_edm_training_sigmas_are_log_normal():
     p = EDMParameterization(0.5)
     ln_sigma = p.sample_sigma(200_000, torch.Generator().manual_seed(3), torch.device("cpu")).log()

@@ -113,6 +113,11 @@ def test_cli_train_and_sample(tmp_path, capsys):
     saved = json.loads((tmp_path / "yaml" / "config.json").read_text())
     assert saved["run"]["steps"] == 6 and saved["run"]["batch_size"] == 8
     assert saved["diffusion"]["model"] == {"base_channels": 16}
+    # a run folder's config.json is a config file too: a new run with the same settings
+    assert main(["train", "--config", str(tmp_path / "yaml" / "config.json"), "--name", "again", "--steps", "2",
+                 "--quiet"]) == 0
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert again["run"]["batch_size"] == 8 and again["diffusion"] == saved["diffusion"]
 
 
 def _one_line_error(capsys, argv, *fragments):

@@ -99,6 +99,17 @@ def test_a_fake_task_resumes_bit_identically_with_every_ema(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), which
 
 
+def test_resume_takes_a_config_dict_and_skips_a_checkpoint_whose_state_lost_its_keys(tmp_path, capsys):
+    run = loop.train(FitALine, steps=4, out=str(tmp_path), checkpoint_every=2, **QUIET)
+    (run / "checkpoints" / "step_0000004" / "state.json").write_text("{}")
+    assert loop.train(FitALine, {"steps": 6}, resume=run, progress=False) == run  # the dict says what to change
+    out = capsys.readouterr().out
+    assert "skipping damaged checkpoint" in out and "state.json lacks the step counter" in out, out
+    assert [c.name for c in list_checkpoints(run)][-1] == "step_0000006"
+    rows = [json.loads(r) for r in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # steps 3-4 retrained from the step-2 checkpoint
+
+
 def test_batchnorm_statistics_reach_the_ema(tmp_path):
     run = loop.train(FitALine, steps=5, batchnorm=True, out=str(tmp_path), checkpoint_every=5, **QUIET)
     model, ema = (_weights(list_checkpoints(run)[-1], w) for w in ("model", "ema"))

@@ -168,7 +168,7 @@ class EDMParameterization(Parameterization):
     def __init__(self, sigma_data: float = 0.5, *, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  p_mean: float = -1.2, p_std: float = 1.2):
         if not (math.isfinite(sigma_data) and sigma_data > 0):
-            raise DifflabError(f"sigma_data must be a positive number, got {sigma_data}")
+            raise DifflabError(f"sigma_data (--sigma-data) must be a positive number, got {sigma_data}")
         if not 0 < sigma_min < sigma_max:
             raise DifflabError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
         if not p_std > 0:

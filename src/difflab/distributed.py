@@ -121,12 +121,21 @@ def _local_device(device: torch.device, local_rank: int, world: int) -> torch.de
 
 @contextlib.contextmanager
 def session(device: str | torch.device = "auto"):
-    """``with session(device) as info:`` -- :func:`setup` on entry, :func:`teardown` on the way out."""
+    """``with session(device) as info:`` -- :func:`setup` on entry, :func:`teardown` on the way out. After a
+    successful block the processes leave together (a barrier first), so none tears down its connections while
+    another is still working; after an error each leaves at once (a barrier could wait for a process that died)."""
     info = setup(device)
     try:
         yield info
-    finally:
+    except BaseException:
         teardown()
+        raise
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+    teardown()
 
 
 def teardown() -> None:

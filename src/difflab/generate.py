@@ -60,7 +60,7 @@ def guide(model: Model, *, guidance_scale: float | None = None, guidance_rescale
         if have != want:
             raise DifflabError(f"the classifier sees {'x'.join(map(str, have))} images but the model makes "
                                f"{'x'.join(map(str, want))}: train it on the same data")
-        return classifier_guidance(model.denoiser, classifier, classifier_scale)
+        return classifier_guidance(model.denoiser, classifier.to(model.device), classifier_scale)
     if guidance_scale is not None:
         if model.conditioner is None:
             raise DifflabError("classifier-free guidance needs a conditional model (train it with --conditional)")

@@ -24,6 +24,7 @@ from difflab.devices import resolve_device
 from difflab.encoders import PixelEncoder, encoder_from_config
 from difflab.errors import DifflabError
 from difflab.nn import UNet, UNetClassifier, UNetConfig
+from difflab.schedules import NoiseSchedule
 from difflab.tensors import append_dims, sigma_per_example
 from difflab.training.checkpoint import load_state, load_weights, read_config, resolve_checkpoint
 
@@ -108,11 +109,11 @@ def model_config(unet: UNetConfig, *, parameterization: Parameterization, data: 
             "conditioner": conditioner.config() if conditioner is not None else None, "data": data}
 
 
-def classifier_config(unet: UNetConfig, *, class_names: list[str], parameterization: Parameterization,
-                      data: dict) -> dict:
-    """The JSON that rebuilds a noise-aware classifier (config.json of its checkpoints)."""
+def classifier_config(unet: UNetConfig, *, class_names: list[str], schedule: NoiseSchedule, data: dict) -> dict:
+    """The JSON that rebuilds a noise-aware classifier (config.json of its checkpoints): it sees the input of a
+    VP model on ``schedule`` (only the schedule matters; it has no prediction target)."""
     return {"format": CLASSIFIER_FORMAT, "unet": dataclasses.asdict(unet), "class_names": list(class_names),
-            "parameterization": parameterization.config(), "data": data}
+            "parameterization": {"kind": "vp", "schedule": schedule.name, "timesteps": schedule.T}, "data": data}
 
 
 def upgrade_config(config: dict) -> dict:
@@ -183,7 +184,7 @@ def load_model(path: str | Path, *, weights: str = "ema", device: str | torch.de
     return model
 
 
-def load_classifier(path: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu") -> NoisyClassifier:
+def load_classifier(path: str | Path, *, weights: str = "ema", device: str | torch.device = "auto") -> NoisyClassifier:
     """:func:`load`, for a noise-aware classifier (``difflab train-classifier``)."""
     checkpoint = resolve_checkpoint(path)
     if upgrade_config(read_config(checkpoint)).get("format") != CLASSIFIER_FORMAT:

@@ -81,7 +81,8 @@ def plot_loss(log_path: str | Path, out_path: str | Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
-    keys = [k for k in ("eval_fid", "eval_kid_mean", "eval_precision", "eval_is_mean") if evals and all(k in r for r in evals)]
+    logged = [k for k in (evals[0] if evals else {}) if k.startswith("eval_") and all(k in r for r in evals)]
+    keys = [k for k in ("eval_fid", "eval_kid_mean", "eval_precision", "eval_is_mean") if k in logged] + logged
     if keys:  # the first sample-quality metric logged during training, on a second axis
         key = keys[0]
         ax2 = ax.twinx()

@@ -24,7 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from difflab.errors import DifflabError
+from difflab.metrics.domain import DOMAIN_EXTRACTORS, load_domain_extractor
 from difflab.metrics.formulas import feature_stats, fid_from_stats, inception_score, kid, precision_recall
+from difflab.metrics.inception import InceptionExtractor
 
 
 @runtime_checkable
@@ -248,13 +250,7 @@ def get_extractor(
     name: str, *, device: str | torch.device = "cpu", inception_weights: str | None = None
 ) -> FeatureExtractor:
     """The extractor called `name`: "inception" (the FID Inception-v3) or a dataset with a shipped domain classifier."""
-    try:
-        from difflab.metrics.domain import DOMAIN_EXTRACTORS, load_domain_extractor
-    except ImportError:
-        DOMAIN_EXTRACTORS, load_domain_extractor = (), None
     if name == "inception":
-        from difflab.metrics.inception import InceptionExtractor
-
         return InceptionExtractor(inception_weights, device=device)
     if name in DOMAIN_EXTRACTORS:
         return load_domain_extractor(name, device=device)

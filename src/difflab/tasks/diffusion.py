@@ -111,15 +111,14 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
     def check(cls, run, cfg: DiffusionConfig) -> None:
         for name in ("timesteps", "num_samples"):
             if getattr(cfg, name) < 1:
-                raise DifflabError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+                raise DifflabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
         if cfg.sample_steps is not None and cfg.sample_steps < 1:
             raise DifflabError(f"--sample-steps must be at least 1, got {cfg.sample_steps}")
         if not (math.isfinite(cfg.guidance_scale) and cfg.guidance_scale >= 0):
             raise DifflabError(f"--guidance-scale must be a finite number >= 0, got {cfg.guidance_scale}")
         if run.eval_every and cfg.eval_samples < 2:
             raise DifflabError(f"--eval-samples must be at least 2 (thousands for a meaningful FID), got {cfg.eval_samples}")
-        if not 0.0 <= cfg.label_dropout < 1.0:
-            raise DifflabError(f"--label-dropout must lie in [0, 1), got {cfg.label_dropout}")
+        ClassConditioner(["any"], cfg.label_dropout)  # checks the dropout rate
         if "num_classes" in cfg.model:
             raise DifflabError("set --conditional instead of model.num_classes: the number of classes comes from the "
                                "dataset")
@@ -131,8 +130,8 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
             if vp_only:
                 raise DifflabError(f"--{', --'.join(vp_only)} appl{'ies' if len(vp_only) == 1 else 'y'} to "
                                    "--parameterization vp only (EDM fixes its own preconditioning and weighting)")
-            if cfg.sigma_data is not None and not (math.isfinite(cfg.sigma_data) and cfg.sigma_data > 0):
-                raise DifflabError(f"--sigma-data must be a positive number, got {cfg.sigma_data}")
+            if cfg.sigma_data is not None:
+                EDMParameterization(cfg.sigma_data)  # checks it
         elif cfg.sigma_data is not None:
             raise DifflabError("--sigma-data applies to --parameterization edm only")
         make_schedule(cfg.schedule, cfg.timesteps)  # a bad schedule name fails here, before the data loads

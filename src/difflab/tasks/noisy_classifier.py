@@ -8,8 +8,11 @@ timesteps, so its gradient grad_x log p_phi(y | x_t) can steer a diffusion sampl
     run = difflab.train_classifier(dataset="digits", steps=2000)     # -> run folder (+ accuracy table)
     clf = difflab.load_classifier(run)                                # a NoisyClassifier: clf(x, sigma) -> logits
 
-The network is the U-Net's contracting path with a pooling head (:class:`difflab.nn.UNetClassifier`). Its progress
-picture is ``accuracy.png`` (with ``accuracy.json``): held-out accuracy at each noise level.
+The network is the U-Net's contracting path with a pooling head (:class:`difflab.nn.UNetClassifier`). It trains on
+DDPM's x_t = q_sample(x0, t, n) and the integer timestep t, exactly as Dhariwal & Nichol's; at sampling time
+:class:`difflab.models.NoisyClassifier` gives it the same input from sigma coordinates through the VP
+parameterization (c_in x = x_t, c_noise = t; tested equal). Its progress picture is ``accuracy.png`` (with
+``accuracy.json``): held-out accuracy at each noise level.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from torch import nn
 
 from difflab import distributed
 from difflab.data import to_model_range
-from difflab.denoisers import VPParameterization
 from difflab.errors import DifflabError
 from difflab.models import classifier_config
 from difflab.nn import UNetClassifier, unet_config
@@ -124,8 +126,7 @@ The run folder holds accuracy.json / accuracy.png: held-out accuracy at each noi
         return nn.functional.cross_entropy(logits.float(), b.labels, reduction="none"), {"train_accuracy": correct}
 
     def model_config(self) -> dict:
-        return classifier_config(self.unet, class_names=self.data.class_names,
-                                 parameterization=VPParameterization(self.schedule),
+        return classifier_config(self.unet, class_names=self.data.class_names, schedule=self.schedule,
                                  data={"name": self.data.name, "channels": self.unet.in_channels,
                                        "image_size": self.unet.image_size})
 
@@ -134,8 +135,14 @@ The run folder holds accuracy.json / accuracy.png: held-out accuracy at each noi
         return accuracy_by_noise_level(net, self.schedule, self.images[held], self.labels[held], seed=self.run.seed)
 
     def evaluate(self, step: int, ema) -> dict[str, float]:
-        rows = self.heldout_accuracy(ema)
-        return {"heldout_accuracy": sum(r["accuracy"] for r in rows) / len(rows)}
+        result: dict[str, float] = {}
+
+        def measure() -> None:  # the main process only: the other ones would compute the same for nothing
+            rows = self.heldout_accuracy(ema)
+            result["heldout_accuracy"] = sum(r["accuracy"] for r in rows) / len(rows)
+
+        self.ctx.on_main("measuring the held-out accuracy", measure)
+        return result
 
     def show(self, step: int, ema) -> None:
         """accuracy.json and accuracy.png: held-out accuracy at each noise level (main process)."""

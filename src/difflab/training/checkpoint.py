@@ -7,7 +7,8 @@ A checkpoint is a folder ``checkpoints/step_NNNNNNN/`` holding
     ema_*.safetensors   further moving averages, when a task keeps more than one
     state.safetensors   optimizer moments and random-number-generator states (tensors only)
     state.json          step counter, optimizer hyperparameters, anything else that is not a tensor
-    config.json         everything needed to rebuild the model (network config, schedule, prediction, data shape)
+    config.json         everything needed to rebuild the model (network config, parameterization, encoder,
+                        conditioner, data shape; see difflab.models)
 
 It is written to a temporary folder next to its final place, flushed, then renamed, so a crash mid-write
 never leaves a half checkpoint under a name that :func:`latest_valid_checkpoint` would pick. Before writing,
@@ -241,17 +242,19 @@ def read_config(checkpoint: Path) -> dict:
 def _sniff(path: Path) -> str:
     """'safetensors', 'pickle' (a raw pickle or PyTorch's zip of pickles) or 'other', from the first bytes.
 
-    A safetensors file opens with an 8-byte little-endian header length and then the JSON header ``{``;
-    a pickle opens with the PROTO opcode 0x80 (protocol 2+), a ``torch.save`` file with a zip signature."""
+    A safetensors file opens with an 8-byte little-endian header length N (which fits in the file) and then the
+    JSON header ``{``; a pickle opens with the PROTO opcode 0x80 (protocol 2+), a ``torch.save`` file with a zip
+    signature. The safetensors test comes first: a header of 128 bytes also starts with the byte 0x80."""
     try:
         with open(path, "rb") as f:
             head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
     except OSError:
         return "other"
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
     if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
         return "pickle"
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
     return "other"
 
 
@@ -268,10 +271,12 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_weights(checkpoint: Path, which: str = "ema") -> dict[str, torch.Tensor]:
     """Load ``model``, ``ema`` (or a further ``ema_*``) weights from a checkpoint folder."""
-    extra = which.startswith("ema_") and (Path(checkpoint) / f"{which}.safetensors").is_file()
-    if which not in ("model", "ema") and not extra:
+    if which not in ("model", "ema") and not which.startswith("ema_"):
         raise DifflabError(f"weights must be 'ema' or 'model', got '{which}'")
-    return load_tensors(Path(checkpoint) / f"{which}.safetensors")
+    path = Path(checkpoint) / f"{which}.safetensors"
+    if not path.is_file():
+        raise DifflabError(f"checkpoint {checkpoint} has no {path.name} (written by a task that kept other weights?)")
+    return load_tensors(path)
 
 
 def load_training_state(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -294,8 +299,11 @@ def latest_valid_checkpoint(run_dir: Path) -> Path | None:
                     raise DifflabError(f"{name} is a pickle, not safetensors; difflab never loads pickles")
                 with safe_open(str(checkpoint / name), framework="pt") as f:
                     f.keys()
-            json.loads((checkpoint / "state.json").read_text())
-            json.loads((checkpoint / "config.json").read_text())
+            state = json.loads((checkpoint / "state.json").read_text())
+            if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+                raise DifflabError("state.json lacks the step counter")
+            if not isinstance(json.loads((checkpoint / "config.json").read_text()), dict):
+                raise DifflabError("config.json is not a JSON object")
             return checkpoint
         except Exception as e:
             print(f"warning: skipping damaged checkpoint {checkpoint}: {_first_line(e)}")

@@ -41,12 +41,12 @@ class RunConfig:
     hflip: bool | None = setting(None, "random horizontal flips (default: on for photos, off for digits and "
                                        "MNIST-like data)", frozen=True)
     # optimisation
-    steps: int = setting(2000, "training steps (optimizer updates); 2000 suit the bundled digits, real datasets want "
-                               "20k-800k")
+    steps: int = setting(2000, "training steps (batches; a skipped non-finite step counts); 2000 suit the bundled "
+                               "digits, real datasets want 20k-800k")
     batch_size: int = setting(128, "images per step, over all processes", frozen=True)
     lr: float = setting(2e-3, "peak AdamW learning rate")
-    lr_schedule: str = setting("constant", "after the warm-up: constant (as in DDPM) or cosine (decay to 0 at the "
-                                           "last step)")
+    lr_schedule: str = setting("constant", "after the warm-up: constant (as in DDPM) or cosine (a half cosine to 0 "
+                                           "at --steps; raising --steps on resume stretches it)")
     warmup: int = setting(200, "linear learning-rate warm-up steps")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     grad_clip: float = setting(1.0, "clip the gradient norm to this value (0 = off)")
@@ -146,6 +146,8 @@ def load_config_file(path: str | Path, known) -> dict:
         return {}
     if not isinstance(data, dict):
         raise DifflabError(f"config file '{path}' must hold a mapping of option names to values")
+    if "task" in data and "run" in data:  # a run folder's config.json: start a new run with its settings
+        data = from_json(data, path)[1]
     check_keys(data, f"config file '{path}'", known)
     return data
 

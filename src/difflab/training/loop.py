@@ -69,6 +69,7 @@ def configure(task_class: type[Task], config: dict | None, resume, overrides: di
     if resume is None:
         run, cfg = make_configs(task_class.run_defaults, task_class.config_class, config, **overrides)
     else:
+        overrides = {**(config or {}), **overrides}  # on resume a config dict says what to change, like keywords
         resume = Path(resume)
         saved = resume / "config.json"
         if not saved.is_file():
@@ -119,6 +120,9 @@ def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
     if run.batch_size % world:
         raise DifflabError(f"--batch-size {run.batch_size} (the global batch) must be divisible by the {world} "
                            "processes")
+    names = list(task.ema_decays())
+    if not names or names[0] != "ema" or any(not n.startswith("ema_") for n in names[1:]):
+        raise DifflabError(f"task {task.name}: its EMAs must be 'ema' and then 'ema_<name>'s, got {names}")
     torch.manual_seed(run.seed)  # initial weights
     net = task.setup()
     if ctx.device.type == "cuda":
@@ -162,6 +166,8 @@ def _restore(state: RunState, run_dir: Path, seed: int) -> None:
     for name, ema in state.emas.items():
         load_state(ema, load_weights(checkpoint, name), checkpoint)
     tensors, meta = load_training_state(checkpoint)
+    if "optimizer" not in meta or "rng.noise" not in tensors:
+        raise DifflabError(f"{checkpoint} holds weights but no training state (optimizer, random streams) to resume from")
     optimizer_from_tensors(state.optimizer, tensors, meta["optimizer"])
     restore_noise_generator(state.noise, tensors, meta, seed)
     state.step = state.saved = meta["step"]
@@ -195,10 +201,10 @@ def _loop(task: Task, state: RunState) -> None:
             stop_agreed = _update(task, state, loss, metrics, stop.requested)
             bar.update(1)
             done = state.step
-            if ctx.main and (done % run.log_every == 0 or done == run.steps):
+            if done % run.log_every == 0 or done == run.steps:  # every process keeps the same sums; main writes
                 row = _log_row(state, run)
                 ctx.log(row)
-                if row["loss"] is not None:
+                if ctx.main and row["loss"] is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
             if stop_agreed or done == run.steps:  # an interrupt goes straight to the checkpoint; the end is below
                 continue
