@@ -141,10 +141,11 @@ def session(device: str | torch.device = "auto"):
 def teardown() -> None:
     """Leave the process group if :func:`setup` created it (a no-op otherwise).
 
-    Unreachable objects that still hold the group -- a ``DistributedDataParallel`` wrapper in a reference cycle,
-    say -- are collected first: ``destroy_process_group`` only drops the registry's reference, and a Gloo group
-    that is destroyed later, during interpreter shutdown, can abort the process (SIGABRT, "terminate called
-    without an active exception", seen under torchrun on CPU)."""
+    Unreachable objects that may still hold the group (a ``DistributedDataParallel`` wrapper in a reference cycle,
+    say) are collected first, a precaution: ``destroy_process_group`` only drops the registry's reference, and a
+    group destroyed during interpreter shutdown can abort the process. (An abort of this kind -- SIGABRT,
+    "terminate called without an active exception" -- was seen under torchrun on CPU; what stopped it in
+    repeated runs was the barrier of :func:`session`, not this alone.)"""
     global _created_group
     if _created_group and dist.is_initialized():
         gc.collect()

@@ -186,7 +186,7 @@ def load_model(path: str | Path, *, weights: str = "ema", device: str | torch.de
 
 def load_classifier(path: str | Path, *, weights: str = "ema", device: str | torch.device = "auto") -> NoisyClassifier:
     """:func:`load`, for a noise-aware classifier (``difflab train-classifier``)."""
-    checkpoint = resolve_checkpoint(path)
-    if upgrade_config(read_config(checkpoint)).get("format") != CLASSIFIER_FORMAT:
+    classifier = load(path, weights=weights, device=device)
+    if not isinstance(classifier, NoisyClassifier):
         raise DifflabError(f"'{path}' is not a noise-aware classifier (train one with: difflab train-classifier)")
-    return load(checkpoint, weights=weights, device=device)
+    return classifier

@@ -17,7 +17,6 @@ parameterization (c_in x = x_t, c_noise = t; tested equal). Its progress picture
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -130,15 +129,21 @@ The run folder holds accuracy.json / accuracy.png: held-out accuracy at each noi
                                  data={"name": self.data.name, "channels": self.unet.in_channels,
                                        "image_size": self.unet.image_size})
 
-    def heldout_accuracy(self, net: nn.Module) -> list[dict]:
-        held = self.held_idx.to(self.ctx.device)
-        return accuracy_by_noise_level(net, self.schedule, self.images[held], self.labels[held], seed=self.run.seed)
+    def accuracy_table(self, step: int, ema) -> dict:
+        """Held-out accuracy of the EMA at each noise level, measured once per step (evaluation and the picture of
+        the same step share it): the content of accuracy.json."""
+        if getattr(self, "_table", {}).get("step") != step:
+            held = self.held_idx.to(self.ctx.device)
+            rows = accuracy_by_noise_level(ema, self.schedule, self.images[held], self.labels[held], seed=self.run.seed)
+            chance = float(torch.bincount(self.data.labels[self.held_idx]).max()) / len(self.held_idx)
+            self._table = {"step": step, "held_out": len(self.held_idx), "chance": chance, "rows": rows}
+        return self._table
 
     def evaluate(self, step: int, ema) -> dict[str, float]:
         result: dict[str, float] = {}
 
         def measure() -> None:  # the main process only: the other ones would compute the same for nothing
-            rows = self.heldout_accuracy(ema)
+            rows = self.accuracy_table(step, ema)["rows"]
             result["heldout_accuracy"] = sum(r["accuracy"] for r in rows) / len(rows)
 
         self.ctx.on_main("measuring the held-out accuracy", measure)
@@ -147,18 +152,15 @@ The run folder holds accuracy.json / accuracy.png: held-out accuracy at each noi
     def show(self, step: int, ema) -> None:
         """accuracy.json and accuracy.png: held-out accuracy at each noise level (main process)."""
         def draw() -> None:
-            rows = self.heldout_accuracy(ema)
-            chance = float(torch.bincount(self.data.labels[self.held_idx]).max()) / len(self.held_idx)
-            write_json(self.ctx.run_dir / "accuracy.json",
-                       {"step": step, "held_out": len(self.held_idx), "chance": chance, "rows": rows})
-            plot_accuracy(rows, chance, self.ctx.run_dir / "accuracy.png")
+            table = self.accuracy_table(step, ema)
+            write_json(self.ctx.run_dir / "accuracy.json", table)
+            plot_accuracy(table["rows"], table["chance"], self.ctx.run_dir / "accuracy.png")
 
         self.ctx.on_main("measuring the held-out accuracy", draw)
 
     def finish(self, ema) -> None:
-        path = self.ctx.run_dir / "accuracy.json"
-        if self.ctx.progress and path.is_file():
-            table = json.loads(path.read_text())
+        table = getattr(self, "_table", None)  # the final picture's (absent if it could not be drawn)
+        if self.ctx.progress and table is not None:
             print(f"held-out accuracy of {self.ctx.run_dir.name} by noise level ({table['held_out']} images):")
             print(format_accuracy_table(table["rows"], table["chance"]))
 

@@ -101,6 +101,7 @@ class RunState:
 
     net: nn.Module                                  # the network being trained (not wrapped)
     emas: dict[str, nn.Module]                      # moving averages of its weights, "ema" first
+    decays: dict[str, float]                        # the decay of each (the task's ema_decays(), asked once)
     optimizer: torch.optim.Optimizer
     noise: torch.Generator                          # every random draw of the batches
     step: int = 0                                   # steps done (skipped ones included)
@@ -129,7 +130,7 @@ def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
         net = net.to(memory_format=torch.channels_last)
     run = task.run  # resolved from the data (image size, channels, ...)
     # the EMAs are never trained, only averaged into: eval mode for good (dropout off when they are sampled)
-    state = RunState(net, {name: copy.deepcopy(net).requires_grad_(False).eval() for name in task.ema_decays()},
+    state = RunState(net, {name: copy.deepcopy(net).requires_grad_(False).eval() for name in names}, task.ema_decays(),
                      torch.optim.AdamW(net.parameters(), lr=run.lr, weight_decay=run.weight_decay,
                                        fused=ctx.device.type == "cuda" or None),
                      torch.Generator(device=ctx.device).manual_seed(run.seed + 1))
@@ -241,7 +242,7 @@ def _update(task: Task, state: RunState, loss: torch.Tensor, metrics: dict, stop
     if torch.isfinite(mean_loss) and torch.isfinite(grad_norm):
         state.optimizer.step()
         with torch.no_grad():  # outside autograd, or every step would extend the graph
-            for name, decay in task.ema_decays().items():
+            for name, decay in state.decays.items():
                 # EMA with a warm-up so short runs are not dominated by the initialisation
                 decay = min(decay, (1 + updates) / (10 + updates))
                 torch._foreach_lerp_(list(state.emas[name].parameters()), params, 1 - decay)
