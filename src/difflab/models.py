@@ -12,6 +12,7 @@ versions of difflab (``difflab-model-1``, ``difflab-classifier-1``) are upgraded
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,14 @@ from difflab.errors import DifflabError
 from difflab.nn import UNet, UNetClassifier, UNetConfig
 from difflab.schedules import NoiseSchedule
 from difflab.tensors import append_dims, sigma_per_example
-from difflab.training.checkpoint import load_state, load_weights, read_config, resolve_checkpoint
+from difflab.training.checkpoint import (
+    REQUIRED_FILES,
+    checkpoint_folders,
+    load_state,
+    load_weights,
+    read_config,
+    resolve_checkpoint,
+)
 
 MODEL_FORMAT = "difflab-model-2"
 CLASSIFIER_FORMAT = "difflab-classifier-2"
@@ -164,8 +172,35 @@ def build(config: dict) -> Model | NoisyClassifier:
 
 
 def load(path: str | Path, *, weights: str = "ema", device: str | torch.device = "auto") -> Model | NoisyClassifier:
-    """Load a run folder (its newest checkpoint) or a checkpoint folder, of any kind; EMA weights by default."""
-    checkpoint = resolve_checkpoint(path)
+    """Load a run folder (its newest checkpoint) or a checkpoint folder, of any kind; EMA weights by default.
+
+    In a run folder a damaged newest checkpoint gives way to the next older one, with a warning -- as does one
+    that a run still training there prunes while it is read (the folder is listed again then)."""
+    path = Path(path)
+    if not path.is_dir() or all((path / f).is_file() for f in REQUIRED_FILES):
+        return _load_checkpoint(resolve_checkpoint(path), weights, device)
+    tried, problems = set(), []
+    for _ in range(3):  # a run that trains writes new checkpoints and prunes old ones while we look
+        fresh = [c for c in reversed(checkpoint_folders(path)) if c not in tried]
+        for checkpoint in fresh:
+            tried.add(checkpoint)
+            try:
+                loaded = _load_checkpoint(checkpoint, weights, device)
+            except (DifflabError, OSError) as e:
+                problems.append(f"{checkpoint.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                continue
+            if problems:
+                print(f"warning: {path}: skipped the newest checkpoint(s), unusable ({'; '.join(problems)}); "
+                      f"loaded {checkpoint}", file=sys.stderr)
+            return loaded
+        if not fresh:
+            break
+    if not problems:
+        resolve_checkpoint(path)  # says what the folder holds instead
+    raise DifflabError(f"no usable checkpoint in '{path}': {'; '.join(problems)}")
+
+
+def _load_checkpoint(checkpoint: Path, weights: str, device) -> Model | NoisyClassifier:
     loaded = build(read_config(checkpoint))
     net = loaded.denoiser.net if isinstance(loaded, Model) else loaded.net
     load_state(net, load_weights(checkpoint, weights), checkpoint)

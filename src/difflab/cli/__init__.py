@@ -3,6 +3,9 @@
     difflab train / train-classifier    one command per training task (cli/train.py, from difflab.tasks.TASKS)
     difflab sample / samplers           cli/sample.py
     difflab eval                        cli/evaluate.py
+
+Exit codes: 0 done, 2 a user mistake or a damaged file (one line on stderr), 130 interrupted (Ctrl-C, SIGTERM),
+1 a bug (a stack trace); see difflab.errors.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import sys
 
 from difflab import __version__
 from difflab.cli import evaluate, sample, train
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, Interrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except DifflabError as e:
         if rank == "0" or not e.all_ranks:
-            print(f"difflab: error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
+            kind = "stopped" if isinstance(e, Interrupted) else "error"
+            print(f"difflab: {kind}{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # a folder that cannot be written, a full disk, a file that vanished: not a bug
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"difflab: error{'' if rank == '0' else f' (rank {rank})'}: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("difflab: interrupted", file=sys.stderr)

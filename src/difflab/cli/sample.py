@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -118,6 +119,9 @@ def run_sample(args: argparse.Namespace) -> int:
         if cond is not None:
             cond, per_row = cond_repeat_interleave(cond, num), num  # one row per class
         param, stats = model.parameterization, {}
+        out = Path(args.out) if args.out else _run_folder(model) / "generated"
+        if info.is_main:  # before the sampling, which can take hours, not after it
+            _check_writable(out, "" if args.out else " (give --out FOLDER to write elsewhere)")
         sampler = args.sampler or param.default_sampler
         steps = args.steps if args.steps is not None else param.default_steps(sampler)
         with autocast(model.device):
@@ -136,7 +140,7 @@ def run_sample(args: argparse.Namespace) -> int:
                   "clf": guidance.get("classifier_scale"), **options}
         tag = f"{sampler}_{steps}steps_seed{args.seed}" + "".join(
             f"_{k}{'' if v is True else v}" for k, v in extras.items() if v is not None)
-        written = _write(images, Path(args.out) if args.out else _run_folder(model) / "generated", tag, per_row, args)
+        written = _write(images, out, tag, per_row, args)
         seconds = stats["seconds"]
         print(f"{len(images)} images, {stats['nfe']} network evaluations (NFE) each, {seconds:.1f} s "
               f"({seconds / len(images) * 1000:.1f} ms/image) -> " + ", ".join(str(w) for w in written))
@@ -146,6 +150,17 @@ def run_sample(args: argparse.Namespace) -> int:
 def _run_folder(model: Model) -> Path:
     checkpoint = model.checkpoint
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+
+
+def _check_writable(folder: Path, hint: str) -> None:
+    """A one-line error unless ``folder`` can be created and written to."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise DifflabError(f"cannot write images to '{folder}': {e.strerror}{hint}") from None
 
 
 def _write(images: torch.Tensor, out: Path, tag: str, per_row: int | None, args: argparse.Namespace) -> list[Path]:

@@ -10,6 +10,7 @@ import typing
 from difflab.tasks import TASKS
 from difflab.training import loop
 from difflab.training.config import RunConfig, fields_of, load_config_file
+from difflab.training.runs import shell_quote
 from difflab.training.task import Task
 
 
@@ -62,5 +63,5 @@ def run_task(args: argparse.Namespace) -> int:
     else:
         run = loop.train(task, {**data, **flags}, overwrite=args.overwrite, progress=not args.quiet)
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min: {run}")
-    print(task.report.format(run=run))
+    print(task.report.format(run=run, run_arg=shell_quote(run)))
     return 0

@@ -105,7 +105,7 @@ class DiffusionTask(Task):
 every run folder holds config.json, log.jsonl, loss.png, samples.png (+ samples/step_*.png) and
 checkpoints/step_*/ (safetensors weights + EMA + JSON config + optimizer state). The first Ctrl-C saves a
 checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row stop the run with a checkpoint."""
-    report = "samples: {run}/samples.png, loss plot: {run}/loss.png\nsample more with: difflab sample {run}"
+    report = "samples: {run}/samples.png, loss plot: {run}/loss.png\nsample more with: difflab sample {run_arg}"
 
     @classmethod
     def check(cls, run, cfg: DiffusionConfig) -> None:

@@ -82,7 +82,7 @@ class NoisyClassifierTask(Task):
 Train it on the same data, image size, schedule and timesteps as the diffusion model it will guide.
 The run folder holds accuracy.json / accuracy.png: held-out accuracy at each noise level."""
     report = ("accuracy by noise level: {run}/accuracy.png\n"
-              "guide a model with: difflab sample RUN --classifier {run} --class all")
+              "guide a model with: difflab sample RUN --classifier {run_arg} --class all")
 
     @classmethod
     def check(cls, run, cfg: NoisyClassifierConfig) -> None:

@@ -151,8 +151,7 @@ def save_checkpoint(
     }
     try:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-step_*"):  # left by a crash; only the main process writes checkpoints
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_leftovers(run_dir)  # of a crash; only the process that holds the run's lock writes checkpoints
     except OSError as e:
         raise CheckpointWriteError(f"cannot write a checkpoint in {root}: {_first_line(e)}") from None
     check_free_space(root, checkpoint_nbytes(*files.values()))
@@ -179,8 +178,35 @@ def save_checkpoint(
     if keep > 0:
         older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < step]
         for old in older[: max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_folder(old)
     return final
+
+
+def _remove_folder(folder: Path) -> None:
+    """Delete a checkpoint folder: renamed out of sight first (one atomic step), so a process killed while it
+    deletes leaves a ``.pruned-*`` folder that :func:`remove_leftovers` finishes, never a half ``step_*``."""
+    gone = folder.with_name(f".pruned-{folder.name}")
+    try:
+        os.replace(folder, gone)
+    except OSError:
+        return
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Finish what a killed writer left in ``checkpoints/``: temporary and half-pruned folders go; a checkpoint
+    that was set aside to be replaced (``.old-step_N``) comes back when its replacement never arrived. Only the
+    process that holds the run's lock may call this."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if not entry.is_dir():
+            continue
+        if entry.name.startswith(".old-") and not (root / entry.name[len(".old-"):]).exists():
+            os.replace(entry, root / entry.name[len(".old-"):])
+        elif entry.name.startswith((".tmp-step_", ".pruned-", ".old-")):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _replace_folder(src: Path, dst: Path) -> None:
@@ -235,8 +261,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def read_config(checkpoint: Path) -> dict:
     try:
         return json.loads((Path(checkpoint) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DifflabError(f"cannot read {Path(checkpoint) / 'config.json'}: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DifflabError(f"cannot read {Path(checkpoint) / 'config.json'}: {_first_line(e)}") from None
 
 
 def _sniff(path: Path) -> str:
@@ -289,24 +315,51 @@ def load_training_state(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict
     return tensors, meta
 
 
-def latest_valid_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose files all read back; damaged ones are reported and skipped."""
-    for checkpoint in reversed(list_checkpoints(run_dir)):
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """Every ``checkpoints/step_*`` folder of a run, complete or not, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)), key=checkpoint_step)
+
+
+def checkpoint_problem(checkpoint: Path, *, training_state: bool = True) -> str | None:
+    """What is wrong with a checkpoint folder (a missing, truncated or pickled file, a state.json without its
+    step counter, a config.json that is no JSON object), or None when every file reads back. Without
+    ``training_state`` only what loading the model needs is checked (weights and config.json)."""
+    checkpoint = Path(checkpoint)
+    needed = {"model.safetensors", "ema.safetensors"} | ({"state.safetensors"} if training_state else set())
+    missing = sorted(f for f in (*needed, "config.json", *(("state.json",) if training_state else ()))
+                     if not (checkpoint / f).is_file())
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for name in sorted(needed | {p.name for p in checkpoint.glob("*.safetensors")}):
+        if _sniff(checkpoint / name) == "pickle":
+            return f"{name} is a pickle, not safetensors; difflab never loads pickles"
         try:
-            extra = {p.name for p in checkpoint.glob("*.safetensors")}
-            for name in sorted({"model.safetensors", "ema.safetensors", "state.safetensors"} | extra):
-                if _sniff(checkpoint / name) == "pickle":
-                    raise DifflabError(f"{name} is a pickle, not safetensors; difflab never loads pickles")
-                with safe_open(str(checkpoint / name), framework="pt") as f:
-                    f.keys()
+            with safe_open(str(checkpoint / name), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises several types for damaged files
+            return f"{name}: {_first_line(e)}"
+    try:
+        if training_state:
             state = json.loads((checkpoint / "state.json").read_text())
             if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-                raise DifflabError("state.json lacks the step counter")
-            if not isinstance(json.loads((checkpoint / "config.json").read_text()), dict):
-                raise DifflabError("config.json is not a JSON object")
+                return "state.json lacks the step counter"
+        if not isinstance(json.loads((checkpoint / "config.json").read_text()), dict):
+            return "config.json is not a JSON object"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{'state.json or config.json' if training_state else 'config.json'}: {_first_line(e)}"
+    return None
+
+
+def latest_valid_checkpoint(run_dir: Path, *, warn=print) -> Path | None:
+    """The newest checkpoint whose files all read back; damaged ones are reported (``warn``) and skipped."""
+    for checkpoint in reversed(checkpoint_folders(run_dir)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
             return checkpoint
-        except Exception as e:
-            print(f"warning: skipping damaged checkpoint {checkpoint}: {_first_line(e)}")
+        warn(f"warning: skipping damaged checkpoint {checkpoint}: {problem}")
     return None
 
 

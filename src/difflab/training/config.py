@@ -44,7 +44,7 @@ class RunConfig:
     steps: int = setting(2000, "training steps (batches; a skipped non-finite step counts); 2000 suit the bundled "
                                "digits, real datasets want 20k-800k")
     batch_size: int = setting(128, "images per step, over all processes", frozen=True)
-    lr: float = setting(2e-3, "peak AdamW learning rate")
+    lr: float = setting(2e-3, "peak AdamW learning rate, in (0, 1]")
     lr_schedule: str = setting("constant", "after the warm-up: constant (as in DDPM) or cosine (a half cosine to 0 "
                                            "at --steps; raising --steps on resume stretches it)")
     warmup: int = setting(200, "linear learning-rate warm-up steps")
@@ -65,7 +65,7 @@ class RunConfig:
     sample_every: int = setting(1000, "draw the progress picture (e.g. a sample grid) every N steps (0 = only at "
                                       "the end)")
     checkpoint_every: int = setting(1000, "write a checkpoint every N steps (and always at the end)")
-    keep: int = setting(3, "keep the newest N checkpoints")
+    keep: int = setting(3, "keep the newest N checkpoints (0 = keep every one)")
     eval_every: int = setting(0, "evaluate (e.g. FID of samples) every N steps, logged and plotted (0 = off)")
 
     def __post_init__(self):
@@ -82,6 +82,10 @@ def check_types(cfg) -> None:
         if float in allowed and isinstance(value, int) and not isinstance(value, bool):
             setattr(cfg, f.name, float(value))
             continue
+        if (int in allowed and float not in allowed and isinstance(value, float) and math.isfinite(value)
+                and value.is_integer()):  # steps: 1e5
+            setattr(cfg, f.name, int(value))
+            continue
         if value is None and type(None) in allowed:
             continue
         if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
@@ -94,18 +98,24 @@ def check_run(run: RunConfig) -> None:
     for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
         if getattr(run, name) < 1:
             raise DifflabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(run, name)}")
-    for name in ("warmup", "sample_every", "eval_every", "max_bad_steps"):
+    for name in ("warmup", "sample_every", "eval_every", "max_bad_steps", "keep"):
         if getattr(run, name) < 0:
             raise DifflabError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(run, name)}")
     if not 0 <= run.seed < 2**62:
         raise DifflabError(f"--seed must lie in [0, 2^62), got {run.seed}")
-    if not (math.isfinite(run.lr) and run.lr > 0):
-        raise DifflabError(f"--lr must be a positive number, got {run.lr}")
+    if not (math.isfinite(run.lr) and 0 < run.lr <= 1):  # AdamW moves each weight by up to about lr per step
+        raise DifflabError(f"--lr must lie in (0, 1] (AdamW rates are typically 1e-4 to 1e-2), got {run.lr}")
     for name in ("weight_decay", "grad_clip"):
         if not (math.isfinite(getattr(run, name)) and getattr(run, name) >= 0):
             raise DifflabError(f"--{name.replace('_', '-')} must be a number >= 0, got {getattr(run, name)}")
+    if run.lr * run.weight_decay >= 1:  # AdamW multiplies every weight by 1 - lr * weight_decay each step
+        raise DifflabError(f"--weight-decay times --lr must stay below 1 (AdamW scales the weights by 1 - lr * "
+                           f"weight_decay each step), got {run.weight_decay} x {run.lr}")
     if not 0.0 <= run.ema_decay < 1.0:
         raise DifflabError(f"--ema-decay must lie in [0, 1), got {run.ema_decay}")
+    from difflab.training.runs import check_run_name  # runs imports this module
+
+    check_run_name(run.name)
     if run.lr_schedule not in LR_SCHEDULES:
         raise DifflabError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got '{run.lr_schedule}'")
 
@@ -136,9 +146,7 @@ def load_config_file(path: str | Path, known) -> dict:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml  # only config files need it
-
-            data = yaml.safe_load(text)
+            data = _yaml_load(text)
     except Exception as e:
         kind = path.suffix.lstrip(".").upper() or "YAML"
         raise DifflabError(f"config file '{path}' is not valid {kind}: {str(e).splitlines()[0]}") from None
@@ -150,6 +158,21 @@ def load_config_file(path: str | Path, known) -> dict:
         data = from_json(data, path)[1]
     check_keys(data, f"config file '{path}'", known)
     return data
+
+
+def _yaml_load(text: str):
+    """YAML with numbers read the way Python and JSON write them: PyYAML follows YAML 1.1, where ``1e-4`` (no dot)
+    is a string; YAML 1.2 and every person writing a learning rate mean a float."""
+    import re
+
+    import yaml  # only config files need it
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    number = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", number, list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)
 
 
 def make_configs(run_defaults: dict, task_class: type, data: dict | None = None, **overrides):
@@ -174,8 +197,15 @@ def from_json(data, where: Path) -> tuple[str, dict]:
         raise DifflabError(f"{where} does not hold a run configuration (a JSON object of settings); restore it or "
                            "start over with --overwrite")
     if "task" not in data:
-        return ("noisy-classifier" if "holdout" in data else "diffusion"), dict(data)
-    task = data["task"]
-    if not isinstance(task, str) or not isinstance(data.get("run"), dict) or not isinstance(data.get(task), dict):
-        raise DifflabError(f"{where} is damaged: it names task {task!r} but lacks its 'run' or '{task}' settings")
-    return task, {**data["run"], **data[task]}
+        task, settings = ("noisy-classifier" if "holdout" in data else "diffusion"), dict(data)
+    else:
+        task = data["task"]
+        if not isinstance(task, str) or not isinstance(data.get("run"), dict) or not isinstance(data.get(task), dict):
+            raise DifflabError(f"{where} is damaged: it names task {task!r} but lacks its 'run' or '{task}' settings")
+        settings = {**data["run"], **data[task]}
+    # every difflab version wrote these; without them a run would silently go on with other data or batches
+    missing = [k for k in frozen_fields(RunConfig) if k not in settings]
+    if missing:
+        raise DifflabError(f"{where} is damaged: it lacks the run's {', '.join(missing)}; restore it or start over "
+                           "with --overwrite")
+    return task, settings

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from difflab import distributed
 from difflab.devices import autocast
-from difflab.errors import DifflabError
+from difflab.errors import DifflabError, Interrupted
 from difflab.training.checkpoint import (
     CheckpointWriteError,
     latest_valid_checkpoint,
@@ -35,15 +35,18 @@ from difflab.training.checkpoint import (
     load_weights,
     optimizer_from_tensors,
     optimizer_to_tensors,
+    remove_leftovers,
     save_checkpoint,
     write_json,
 )
 from difflab.training.config import check_run, from_json, frozen_fields, make_configs, to_json
+from difflab.training.lock import RunLock
 from difflab.training.runs import (
     GracefulStop,
     learning_rate,
     prepare_run_dir,
     restore_noise_generator,
+    shell_quote,
     step_seed,
     truncate_log,
 )
@@ -81,6 +84,10 @@ def configure(task_class: type[Task], config: dict | None, resume, overrides: di
         task_name, base = from_json(stored, saved)
         if task_name != task_class.name:
             raise DifflabError(f"'{resume}' is not a {task_class.noun} run (its config.json says task '{task_name}')")
+        moved = [k for k in ("out", "name") if overrides.get(k) is not None and overrides[k] != base.get(k)]
+        if moved:  # the run stays where it is; its config.json must not claim another place
+            raise DifflabError(f"--{' and --'.join(moved)} cannot be given with --resume: it continues {resume} in "
+                               "place (to branch off a new run from it, give --config RUN/config.json instead)")
         run, cfg = make_configs(task_class.run_defaults, task_class.config_class, base, **overrides)
         old_run, old_cfg = make_configs(task_class.run_defaults, task_class.config_class, base)
         def value(k, r, c):
@@ -134,34 +141,58 @@ def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
                      torch.optim.AdamW(net.parameters(), lr=run.lr, weight_decay=run.weight_decay,
                                        fused=ctx.device.type == "cuda" or None),
                      torch.Generator(device=ctx.device).manual_seed(run.seed + 1))
-    if resume is not None:
-        ctx.run_dir = resume
-        _restore(state, resume, run.seed)
-        if ctx.main:
-            truncate_log(resume / "log.jsonl", state.step)
-        if state.step >= run.steps:
+    lock = None  # the run folder's lock (main process): one writer per folder, held to the end
+    try:
+        if resume is not None:
+            ctx.run_dir = resume
+            lock = distributed.main_first(lambda: RunLock(resume).acquire())
             if ctx.main:
-                print(f"{resume} has already trained {state.step} steps (asked for {run.steps}); raise --steps to go on")
-            return resume
-    else:  # the main process picks (and numbers) the folder; the others learn its name, or its error
-        chosen = distributed.main_first(lambda: str(prepare_run_dir(run, overwrite, task.folder_suffix)))
-        ctx.run_dir = Path(distributed.broadcast_object(chosen))
-    if ctx.main:
-        write_json(ctx.run_dir / "config.json", to_json(task.name, run, task.config))
-    _loop(task, state)
-    _checkpoint(task, state, run.steps, final=True)
-    ema = state.emas["ema"]
-    if run.eval_every:
-        _evaluate(task, state, run.steps)
-    _show(task, ema, run.steps)
-    task.finish(ema)
-    return ctx.run_dir
+                remove_leftovers(resume)  # of a process killed while it wrote or pruned a checkpoint
+            _restore(state, resume, run.seed, task.command)
+            if ctx.main:
+                truncate_log(resume / "log.jsonl", state.step)
+            if state.step >= run.steps:
+                if ctx.main:
+                    print(f"{resume} has already trained {state.step} steps (asked for {run.steps}); raise --steps "
+                          "to go on")
+                return resume
+        else:  # the main process picks (and numbers) the folder; the others learn its name, or its error
+            def choose() -> tuple[str, RunLock]:
+                folder, folder_lock = prepare_run_dir(run, overwrite, task.folder_suffix)
+                return str(folder), folder_lock
+
+            chosen, lock = distributed.main_first(choose) or (None, None)
+            ctx.run_dir = Path(distributed.broadcast_object(chosen))
+        if ctx.main:
+            write_json(ctx.run_dir / "config.json", to_json(task.name, run, task.config))
+        _loop(task, state)
+        _checkpoint(task, state, run.steps, final=True)
+        ema = state.emas["ema"]
+        if run.eval_every:
+            _evaluate(task, state, run.steps)
+        _show(task, ema, run.steps)
+        task.finish(ema)
+        return ctx.run_dir
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def _restore(state: RunState, run_dir: Path, seed: int) -> None:
-    """Put back the newest usable checkpoint of ``run_dir`` (nothing if there is none)."""
-    checkpoint = latest_valid_checkpoint(run_dir)
+def _restore(state: RunState, run_dir: Path, seed: int, command: str) -> None:
+    """Put back the newest usable checkpoint of ``run_dir``. A run without checkpoints yet starts at step 0; one
+    whose checkpoints are all damaged is refused: starting over must be asked for, never happen silently."""
+    problems = []
+    checkpoint = latest_valid_checkpoint(run_dir, warn=problems.append)
+    for problem in problems if checkpoint is not None else ():
+        print(problem)
     if checkpoint is None:
+        if problems:
+            found = "; ".join(p.removeprefix("warning: skipping damaged checkpoint ") for p in problems)
+            raise DifflabError(
+                f"cannot resume {run_dir}: none of its {len(problems)} checkpoint(s) is usable ({found}). Nothing was "
+                f"changed; restore a checkpoint, or start over (deleting them) with: {command} --config "
+                f"{shell_quote(Path(run_dir) / 'config.json')} --out {shell_quote(Path(run_dir).parent)} --name "
+                f"{shell_quote(Path(run_dir).name)} --overwrite", all_ranks=True)
         return
     load_state(state.net, load_weights(checkpoint, "model"), checkpoint)
     for name, ema in state.emas.items():
@@ -239,8 +270,7 @@ def _update(task: Task, state: RunState, loss: torch.Tensor, metrics: dict, stop
     state.step += 1
     log = state.log
     log.update(steps=log["steps"] + 1, lr=lr, grad_norm=float(grad_norm))
-    if torch.isfinite(mean_loss) and torch.isfinite(grad_norm):
-        state.optimizer.step()
+    if torch.isfinite(mean_loss) and torch.isfinite(grad_norm) and _optimizer_step(state.optimizer, params):
         with torch.no_grad():  # outside autograd, or every step would extend the graph
             for name, decay in state.decays.items():
                 # EMA with a warm-up so short runs are not dominated by the initialisation
@@ -256,16 +286,38 @@ def _update(task: Task, state: RunState, loss: torch.Tensor, metrics: dict, stop
         state.skipped += 1
         log["bad_in_a_row"] += 1
         if ctx.main:
-            tqdm.write(f"warning: step {state.step}: non-finite loss or gradient, step skipped "
+            tqdm.write(f"warning: step {state.step}: non-finite loss, gradient or updated weights, step skipped "
                        f"({log['bad_in_a_row']} in a row, {state.skipped} in all)")
         if run.max_bad_steps and log["bad_in_a_row"] >= run.max_bad_steps:
             path = _checkpoint(task, state, state.step)
             raise DifflabError(
                 f"{log['bad_in_a_row']} non-finite steps in a row (up to step {state.step}): training diverged. The "
                 f"weights were not touched by those steps{f' and are saved in {path}' if path else ''}; resume with "
-                f"a lower --lr or --grad-clip: {task.command} --resume {ctx.run_dir} --lr {run.lr / 10:g}",
+                f"a lower --lr or --grad-clip: {task.command} --resume {shell_quote(ctx.run_dir)} --lr {run.lr / 10:g}",
                 all_ranks=True)
     return bool(shared[-1] > 0)
+
+
+@torch.no_grad()
+def _optimizer_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> bool:
+    """The optimizer step, undone when it makes any weight non-finite (a learning rate far too large, an update
+    that overflows): the weights and the optimizer's moments go back to what they were, so the step changes
+    nothing -- as a NaN loss changes nothing -- before the EMAs or a checkpoint could see it. Returns whether the
+    step stands. The copies cost the memory of the weights and moments once more while the step runs."""
+    saved = [p.detach().clone() for p in params]
+    moments = {p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
+               for p in params if p in optimizer.state}
+    optimizer.step()
+    if bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one host sync
+        return True
+    torch._foreach_copy_(params, saved)
+    for p in params:
+        if p not in moments:  # it had no state before this step (the first update)
+            optimizer.state.pop(p, None)
+            continue
+        for k, v in moments[p].items():
+            optimizer.state[p][k].copy_(v)
+    return False
 
 
 def _new_log(bad_in_a_row: int = 0) -> dict:
@@ -289,8 +341,8 @@ def _interrupted(task: Task, state: RunState, step: int) -> None:
     if state.saved != step:
         _checkpoint(task, state, step)
     newest = (list_checkpoints(task.ctx.run_dir) or [None])[-1]
-    raise DifflabError(f"interrupted after step {step}; " + (
-        f"newest checkpoint: {newest}. Continue with: {task.command} --resume {task.ctx.run_dir}"
+    raise Interrupted(f"interrupted after step {step}; " + (
+        f"newest checkpoint: {newest}. Continue with: {task.command} --resume {shell_quote(task.ctx.run_dir)}"
         if newest else "no checkpoint could be written"), all_ranks=True)
 
 

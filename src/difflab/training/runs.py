@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import shlex
 import shutil
 import signal
 import threading
@@ -15,27 +17,71 @@ from pathlib import Path
 import torch
 
 from difflab.errors import DifflabError
+from difflab.training.lock import LOCK_NAME, RunFolderBusy, RunLock
 
 
-def prepare_run_dir(cfg, overwrite: bool, suffix: str = "") -> Path:
-    """A fresh run folder. A default name (the dataset's, plus ``suffix``) is numbered when taken; an explicit
-    one is never overwritten unless asked, so no earlier run is lost."""
+def check_run_name(name: str | None) -> None:
+    """A run name is one folder name inside ``--out``: no path separators, not '.' or '..'."""
+    if name is not None and (not name.strip() or name in (".", "..") or "/" in name or "\\" in name
+                             or "\0" in name):
+        raise DifflabError(f"--name must be a plain folder name inside --out (no '/' and not '..'), got {name!r}; "
+                           "use --out to put runs elsewhere")
+
+
+def _holds_work(folder: Path) -> bool:
+    """Whether a folder holds anything besides a run lock."""
+    return folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir())
+
+
+def prepare_run_dir(cfg, overwrite: bool, suffix: str = "") -> tuple[Path, RunLock]:
+    """A fresh run folder, locked for this process (see :mod:`difflab.training.lock`). A default name (the
+    dataset's, plus ``suffix``) is numbered when taken; an explicit one is never overwritten unless asked, and
+    never while another process trains in it, so no earlier run is lost."""
+    check_run_name(cfg.name)
     out = Path(cfg.out)
     base = cfg.name or (Path(cfg.dataset.rstrip("/")).name or "run") + suffix
-    run = out / base
-    if run.exists() and any(run.iterdir()):
-        if overwrite:
-            shutil.rmtree(run)
-        elif cfg.name is None:
-            k = 2
-            while (out / f"{base}-{k}").exists():
-                k += 1
-            run = out / f"{base}-{k}"
-        else:
-            raise DifflabError(f"run folder '{run}' already exists: use --resume {run} to continue it, "
-                               "--overwrite to replace it, or another --name")
-    run.mkdir(parents=True, exist_ok=True)
-    return run
+    k = 1
+    while True:
+        run = out / (base if k == 1 else f"{base}-{k}")
+        k += 1
+        numbered = cfg.name is None and not (overwrite and run.name == base)
+        if numbered and (_holds_work(run) or (run.exists() and not run.is_dir())):
+            continue
+        if run.exists() and not run.is_dir():
+            raise DifflabError(f"'{run}' is a file, not a run folder: choose another --name")
+        if not numbered and not overwrite and _holds_work(run):
+            raise _exists(run)
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DifflabError(f"cannot create run folder '{run}': {e.strerror}") from None
+        try:
+            lock = RunLock(run).acquire()
+        except RunFolderBusy:
+            if numbered:  # another run started in this folder a moment ago: take the next number
+                continue
+            raise
+        if _holds_work(run):  # looked again under the lock: another process may have written it meanwhile
+            if numbered:
+                lock.release()
+                continue
+            if not overwrite:
+                lock.release()
+                raise _exists(run)
+            for entry in run.iterdir():  # replaced under the lock: nobody trains in it now
+                if entry.name != LOCK_NAME:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        return run, lock
+
+
+def _exists(run: Path) -> DifflabError:
+    return DifflabError(f"run folder '{run}' already exists: use --resume {shell_quote(run)} to continue it, "
+                        "--overwrite to replace it, or another --name")
+
+
+def shell_quote(path) -> str:
+    """A path as it must be typed in a shell (spaces, quotes), for the commands that messages suggest."""
+    return shlex.quote(str(path))
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
@@ -96,11 +142,13 @@ def learning_rate(step: int, run) -> float:
 
 class GracefulStop:
     """The first Ctrl-C (or SIGTERM) asks the loop to finish its step, checkpoint and stop; a second one
-    interrupts at once. Signals within ``grace`` seconds of the first count as the same request: a Ctrl-C under
-    torchrun reaches each worker twice (from the terminal, then forwarded by the launcher) in milliseconds,
-    while a person pressing Ctrl-C again takes longer."""
+    interrupts at once. Under torchrun, signals within ``grace`` seconds of the first count as the same request: a
+    Ctrl-C there reaches each worker twice (from the terminal, then forwarded by the launcher) in milliseconds,
+    while a person pressing Ctrl-C again takes longer. A single process has no grace: the second one quits."""
 
-    def __init__(self, quiet: bool = False, grace: float = 1.0):
+    def __init__(self, quiet: bool = False, grace: float | None = None):
+        if grace is None:
+            grace = 1.0 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0.0
         self.requested, self.quiet, self.grace, self._first = False, quiet, grace, 0.0
         self._old = {}
         if threading.current_thread() is threading.main_thread():

@@ -23,6 +23,7 @@ Registering it in :data:`difflab.tasks.TASKS` gives it a ``difflab`` command wit
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -63,10 +64,14 @@ class Context:
     def log(self, row: dict) -> None:
         """Append one JSON row to the run's ``log.jsonl`` (main process; failures are reported, not raised)."""
         def append() -> None:
-            with open(self.run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            with open(self.run_dir / "log.jsonl", "a") as f:  # strict JSON: a NaN or an infinity is written null
+                f.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}, allow_nan=False) + "\n")
 
         self.on_main("writing the log", append)
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class Task:
@@ -81,7 +86,7 @@ class Task:
     summary: ClassVar[str] = ""           # its command in `difflab --help`
     description: ClassVar[str] = ""       # ... and at the top of the command's --help
     examples: ClassVar[str] = ""          # ... and at the bottom
-    report: ClassVar[str] = "{run}"       # printed when training ends ({run}: the run folder)
+    report: ClassVar[str] = "{run}"       # printed when training ends ({run}: the run folder, {run_arg}: shell-quoted)
 
     def __init__(self, run: RunConfig, config, ctx: Context):
         self.run, self.config, self.ctx = run, config, ctx
