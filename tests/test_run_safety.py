@@ -151,6 +151,7 @@ def test_resume_refuses_when_every_checkpoint_is_damaged(tmp_path, capsys, task)
                      progress=False, **settings)
     for state in run.glob("checkpoints/step_*/state.safetensors"):
         state.write_bytes(state.read_bytes()[:50])  # truncated
+    shutil.copytree(run / "checkpoints" / "step_0000001", run / "checkpoints" / ".pruned-step_0000000")  # evidence
     before = snapshot(run)
     err = one_line(capsys, [command, "--resume", str(run), "--steps", "4", "--quiet"],
                    "none of its 2 checkpoint(s) is usable", "step_0000002: state.safetensors", "--overwrite")
@@ -248,7 +249,7 @@ def test_load_falls_back_past_a_damaged_newest_checkpoint(run, capsys):
     ema.write_bytes(ema.read_bytes()[:100])
     model = difflab.load(run, device="cpu")
     assert model.checkpoint.name == "step_0000001"
-    assert "step_0000002: cannot read" in capsys.readouterr().err
+    assert "step_0000002: ema.safetensors" in capsys.readouterr().err
     shutil.rmtree(run / "checkpoints" / "step_0000001")
     with pytest.raises(DifflabError, match="no usable checkpoint"):
         difflab.load(run, device="cpu")

@@ -219,7 +219,7 @@ def broadcast_object(obj, src: int = 0):
 
 def main_first(fn, *, error_prefix: str = ""):
     """Run ``fn`` on the main process only, then let the others go on (a barrier). If it raises a
-    :class:`DifflabError` there, every process raises it (printed once, by rank 0), so none is left waiting at
+    :class:`DifflabError` (or an OSError) there, every process raises it (printed once, by rank 0), so none is left waiting at
     its next collective. Returns ``fn()``'s result on the main process and None on the others."""
     result, error = None, None
     if is_main():
@@ -227,6 +227,8 @@ def main_first(fn, *, error_prefix: str = ""):
             result = fn()
         except DifflabError as e:
             error = str(e)
+        except OSError as e:  # a folder that cannot be written: a user's problem, and the others must not hang
+            error = f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
     error = broadcast_object(error)
     if error:
         raise DifflabError(error_prefix + error, all_ranks=True)

@@ -30,6 +30,7 @@ from difflab.tensors import append_dims, sigma_per_example
 from difflab.training.checkpoint import (
     REQUIRED_FILES,
     checkpoint_folders,
+    checkpoint_problem,
     load_state,
     load_weights,
     read_config,
@@ -184,10 +185,16 @@ def load(path: str | Path, *, weights: str = "ema", device: str | torch.device =
         fresh = [c for c in reversed(checkpoint_folders(path)) if c not in tried]
         for checkpoint in fresh:
             tried.add(checkpoint)
-            try:
-                loaded = _load_checkpoint(checkpoint, weights, device)
-            except (DifflabError, OSError) as e:
-                problems.append(f"{checkpoint.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            problem = checkpoint_problem(checkpoint, training_state=False)  # damaged: a truncated file, bad JSON
+            if problem is None:
+                try:
+                    loaded = _load_checkpoint(checkpoint, weights, device)
+                except (DifflabError, OSError):
+                    if checkpoint.is_dir():  # not damage but a mistake (weights that do not fit): say it at once
+                        raise
+                    problem = "pruned while it was read"
+            if problem is not None:
+                problems.append(f"{checkpoint.name}: {problem}")
                 continue
             if problems:
                 print(f"warning: {path}: skipped the newest checkpoint(s), unusable ({'; '.join(problems)}); "

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 
 from difflab import __version__
 from difflab.cli import evaluate, sample, train
@@ -32,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -39,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     rank = os.environ.get("RANK", "0")  # under torchrun only rank 0 talks; the others report their own errors
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM as Ctrl-C: exit code 130, whatever runs
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if rank != "0":
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
@@ -56,3 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("difflab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -120,8 +120,9 @@ def run_sample(args: argparse.Namespace) -> int:
             cond, per_row = cond_repeat_interleave(cond, num), num  # one row per class
         param, stats = model.parameterization, {}
         out = Path(args.out) if args.out else _run_folder(model) / "generated"
-        if info.is_main:  # before the sampling, which can take hours, not after it
-            _check_writable(out, "" if args.out else " (give --out FOLDER to write elsewhere)")
+        # before the sampling, which can take hours, not after it (rank 0 writes; every rank learns of a failure)
+        distributed.main_first(lambda: _check_writable(out, "" if args.out else " (give --out FOLDER to write "
+                                                                                  "elsewhere)"))
         sampler = args.sampler or param.default_sampler
         steps = args.steps if args.steps is not None else param.default_steps(sampler)
         with autocast(model.device):

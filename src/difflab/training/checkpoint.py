@@ -193,19 +193,23 @@ def _remove_folder(folder: Path) -> None:
     shutil.rmtree(gone, ignore_errors=True)
 
 
-def remove_leftovers(run_dir: Path) -> None:
-    """Finish what a killed writer left in ``checkpoints/``: temporary and half-pruned folders go; a checkpoint
-    that was set aside to be replaced (``.old-step_N``) comes back when its replacement never arrived. Only the
-    process that holds the run's lock may call this."""
+def restore_set_aside(run_dir: Path) -> None:
+    """Put back a checkpoint that was set aside to be replaced (``.old-step_N``) when its replacement never
+    arrived (the writer was killed between the two renames): it is then the only copy of step N."""
     root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return
-    for entry in root.iterdir():
-        if not entry.is_dir():
-            continue
-        if entry.name.startswith(".old-") and not (root / entry.name[len(".old-"):]).exists():
-            os.replace(entry, root / entry.name[len(".old-"):])
-        elif entry.name.startswith((".tmp-step_", ".pruned-", ".old-")):
+    for aside in root.glob(".old-step_*") if root.is_dir() else ():
+        if aside.is_dir() and not (root / aside.name[len(".old-"):]).exists():
+            os.replace(aside, root / aside.name[len(".old-"):])
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Finish what a killed writer left in ``checkpoints/``: temporary (``.tmp-``), half-pruned (``.pruned-``) and
+    replaced (``.old-``, once restored by :func:`restore_set_aside` where needed) folders go. Only the process that
+    holds the run's lock may call this, and only once a checkpoint has been restored or written."""
+    restore_set_aside(run_dir)
+    root = Path(run_dir) / "checkpoints"
+    for entry in root.iterdir() if root.is_dir() else ():
+        if entry.is_dir() and entry.name.startswith((".tmp-step_", ".pruned-", ".old-")):
             shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -7,7 +7,8 @@ it ends, so a SIGKILL or a power cut never leaves a stale lock to clean up by ha
 says who held it last. A second writer is refused in one line that names the holder's PID and host.
 
 The lock is advisory (it stops difflab, not ``rm``) and needs ``fcntl`` (Linux, macOS, the BSDs); where there
-is none, runs are not locked. Readers (``difflab sample``, ``load``) never take it.
+is none, or the file system cannot lock (some network file systems), runs are not locked (with a warning
+there). Readers (``difflab sample``, ``load``) never take it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, runs are n
     fcntl = None
 
 LOCK_NAME = ".lock"
+UNSUPPORTED = tuple(getattr(errno, name) for name in ("ENOSYS", "ENOLCK", "EOPNOTSUPP", "ENOTSUP") if hasattr(errno, name))
 
 
 class RunFolderBusy(DifflabError):
@@ -55,6 +57,11 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                if e.errno in UNSUPPORTED:  # some network file systems (Lustre without flock, SMB): go on unlocked
+                    print(f"warning: the file system of '{self.folder}' cannot lock files ({e.strerror}); make sure "
+                          "no other process writes this run folder")
+                    self._fd = fd
+                    return self
                 holder = _holder(fd) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
                 os.close(fd)
                 if holder is None:

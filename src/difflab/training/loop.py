@@ -36,6 +36,7 @@ from difflab.training.checkpoint import (
     optimizer_from_tensors,
     optimizer_to_tensors,
     remove_leftovers,
+    restore_set_aside,
     save_checkpoint,
     write_json,
 )
@@ -87,7 +88,8 @@ def configure(task_class: type[Task], config: dict | None, resume, overrides: di
         moved = [k for k in ("out", "name") if overrides.get(k) is not None and overrides[k] != base.get(k)]
         if moved:  # the run stays where it is; its config.json must not claim another place
             raise DifflabError(f"--{' and --'.join(moved)} cannot be given with --resume: it continues {resume} in "
-                               "place (to branch off a new run from it, give --config RUN/config.json instead)")
+                               "place (to branch off a new run from it, give --config RUN/config.json and a new "
+                               "--name instead)")
         run, cfg = make_configs(task_class.run_defaults, task_class.config_class, base, **overrides)
         old_run, old_cfg = make_configs(task_class.run_defaults, task_class.config_class, base)
         def value(k, r, c):
@@ -145,11 +147,19 @@ def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
     try:
         if resume is not None:
             ctx.run_dir = resume
-            lock = distributed.main_first(lambda: RunLock(resume).acquire())
-            if ctx.main:
-                remove_leftovers(resume)  # of a process killed while it wrote or pruned a checkpoint
+            def take() -> RunLock:
+                folder_lock = RunLock(resume).acquire()
+                try:
+                    restore_set_aside(resume)  # a checkpoint a killed writer left renamed (before anyone lists them)
+                except OSError:
+                    folder_lock.release()
+                    raise
+                return folder_lock
+
+            lock = distributed.main_first(take)
             _restore(state, resume, run.seed, task.command)
             if ctx.main:
+                remove_leftovers(resume)  # what a killed writer left; only now, with a checkpoint restored
                 truncate_log(resume / "log.jsonl", state.step)
             if state.step >= run.steps:
                 if ctx.main:
@@ -163,8 +173,7 @@ def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
 
             chosen, lock = distributed.main_first(choose) or (None, None)
             ctx.run_dir = Path(distributed.broadcast_object(chosen))
-        if ctx.main:
-            write_json(ctx.run_dir / "config.json", to_json(task.name, run, task.config))
+        distributed.main_first(lambda: write_json(ctx.run_dir / "config.json", to_json(task.name, run, task.config)))
         _loop(task, state)
         _checkpoint(task, state, run.steps, final=True)
         ema = state.emas["ema"]
@@ -193,6 +202,8 @@ def _restore(state: RunState, run_dir: Path, seed: int, command: str) -> None:
                 f"changed; restore a checkpoint, or start over (deleting them) with: {command} --config "
                 f"{shell_quote(Path(run_dir) / 'config.json')} --out {shell_quote(Path(run_dir).parent)} --name "
                 f"{shell_quote(Path(run_dir).name)} --overwrite", all_ranks=True)
+        if distributed.is_main():
+            print(f"{run_dir} has no checkpoint yet: training starts at step 0")
         return
     load_state(state.net, load_weights(checkpoint, "model"), checkpoint)
     for name, ema in state.emas.items():

@@ -68,9 +68,13 @@ def prepare_run_dir(cfg, overwrite: bool, suffix: str = "") -> tuple[Path, RunLo
             if not overwrite:
                 lock.release()
                 raise _exists(run)
-            for entry in run.iterdir():  # replaced under the lock: nobody trains in it now
-                if entry.name != LOCK_NAME:
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            try:
+                for entry in run.iterdir():  # replaced under the lock: nobody trains in it now
+                    if entry.name != LOCK_NAME:
+                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            except OSError as e:
+                lock.release()
+                raise DifflabError(f"cannot replace run folder '{run}': {e.strerror} ({e.filename})") from None
         return run, lock
 
 
