@@ -32,8 +32,7 @@ from difflab.training.checkpoint import (
     checkpoint_folders,
     checkpoint_problem,
     load_state,
-    load_weights,
-    read_config,
+    read_model_files,
     resolve_checkpoint,
 )
 
@@ -181,7 +180,7 @@ def load(path: str | Path, *, weights: str = "ema", device: str | torch.device =
     if not path.is_dir() or all((path / f).is_file() for f in REQUIRED_FILES):
         return _load_checkpoint(resolve_checkpoint(path), weights, device)
     tried, problems = set(), []
-    for _ in range(3):  # a run that trains writes new checkpoints and prunes old ones while we look
+    for _ in range(10):  # a run that trains writes new checkpoints and prunes old ones while we look
         fresh = [c for c in reversed(checkpoint_folders(path)) if c not in tried]
         for checkpoint in fresh:
             tried.add(checkpoint)
@@ -194,7 +193,7 @@ def load(path: str | Path, *, weights: str = "ema", device: str | torch.device =
                         raise
                     problem = "pruned while it was read"
             if problem is not None:
-                problems.append(f"{checkpoint.name}: {problem}")
+                problems.append(f"{checkpoint.name}: {problem if checkpoint.is_dir() else 'pruned while it was read'}")
                 continue
             if problems:
                 print(f"warning: {path}: skipped the newest checkpoint(s), unusable ({'; '.join(problems)}); "
@@ -208,9 +207,10 @@ def load(path: str | Path, *, weights: str = "ema", device: str | torch.device =
 
 
 def _load_checkpoint(checkpoint: Path, weights: str, device) -> Model | NoisyClassifier:
-    loaded = build(read_config(checkpoint))
+    config, tensors = read_model_files(checkpoint, weights)
+    loaded = build(config)
     net = loaded.denoiser.net if isinstance(loaded, Model) else loaded.net
-    load_state(net, load_weights(checkpoint, weights), checkpoint)
+    load_state(net, tensors, checkpoint)
     if isinstance(loaded, Model):
         loaded.checkpoint = checkpoint
         loaded.denoiser.eval()

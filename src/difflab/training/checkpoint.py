@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 
 from difflab.errors import DifflabError
@@ -281,6 +282,11 @@ def _sniff(path: Path) -> str:
             size = os.fstat(f.fileno()).st_size
     except OSError:
         return "other"
+    return _sniff_head(head, size)
+
+
+def _sniff_head(head: bytes, size: int) -> str:
+    """:func:`_sniff` of a file's first 9 bytes and its size."""
     if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
         return "safetensors"
     if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
@@ -307,6 +313,31 @@ def load_weights(checkpoint: Path, which: str = "ema") -> dict[str, torch.Tensor
     if not path.is_file():
         raise DifflabError(f"checkpoint {checkpoint} has no {path.name} (written by a task that kept other weights?)")
     return load_tensors(path)
+
+
+def read_model_files(checkpoint: Path, weights: str = "ema") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json, weights) of a checkpoint folder, both files opened before either is read: a run that is still
+    training may prune the checkpoint meanwhile, and an open file outlives its deletion (POSIX), so what is read is
+    one consistent checkpoint or a one-line error, never half of one."""
+    checkpoint = Path(checkpoint)
+    if weights not in ("model", "ema") and not weights.startswith("ema_"):
+        raise DifflabError(f"weights must be 'ema' or 'model', got '{weights}'")
+    config_path, weights_path = checkpoint / "config.json", checkpoint / f"{weights}.safetensors"
+    try:
+        with open(config_path, "rb") as config_file, open(weights_path, "rb") as weights_file:
+            config_bytes, weight_bytes = config_file.read(), weights_file.read()
+    except OSError as e:
+        raise DifflabError(f"cannot read {e.filename or checkpoint}: {e.strerror}") from None
+    try:
+        config = json.loads(config_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DifflabError(f"cannot read {config_path}: {_first_line(e)}") from None
+    if _sniff_head(weight_bytes[:9], len(weight_bytes)) == "pickle":
+        raise DifflabError(f"{weights_path} is a pickle, not safetensors; difflab never loads pickles")
+    try:
+        return config, load_safetensors_bytes(weight_bytes)
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise DifflabError(f"cannot read {weights_path}: {_first_line(e)}") from None
 
 
 def load_training_state(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
