@@ -37,8 +37,11 @@ from difflab.training.runs import GracefulStop
 TINY = dict(batch_size=16, log_every=1, sample_every=0, num_samples=2, sample_steps=1, warmup=2,
             model={"base_channels": 16})
 CLASSIFIER = dict(batch_size=16, log_every=1, sample_every=0, warmup=2, model={"base_channels": 16})
-TASKS = {"diffusion": (DiffusionTask, TINY, "train"), "classifier": (difflab.tasks.NoisyClassifierTask, CLASSIFIER,
-                                                                      "train-classifier")}
+VAE = dict(batch_size=16, log_every=1, sample_every=0, warmup=2, preset="tiny-f2", num_samples=4, stats_images=64,
+           model={"block_channels": [16, 32], "latent_channels": 2, "norm_groups": 8})
+TASKS = {"diffusion": (DiffusionTask, TINY, "train"),
+         "classifier": (difflab.tasks.NoisyClassifierTask, CLASSIFIER, "train-classifier"),
+         "vae": (difflab.tasks.VAETask, VAE, "train-vae")}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

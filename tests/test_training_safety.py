@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import difflab
 from difflab.cli import main
 from difflab.errors import DifflabError
-from difflab.tasks import DiffusionTask, NoisyClassifierTask
+from difflab.tasks import DiffusionTask, NoisyClassifierTask, VAETask
 from difflab.training import loop
 from difflab.training.checkpoint import list_checkpoints
 
@@ -30,7 +30,10 @@ TINY = dict(progress=False, batch_size=16, log_every=1, sample_every=0, num_samp
 # every task runs through the one loop: the injected faults below are tried on each of them
 TASKS = {"diffusion": (DiffusionTask, TINY, "train"),
          "classifier": (NoisyClassifierTask, dict(progress=False, batch_size=16, log_every=1, sample_every=0, warmup=2,
-                                                  model={"base_channels": 16}), "train-classifier")}
+                                                  model={"base_channels": 16}), "train-classifier"),
+         "vae": (VAETask, dict(progress=False, batch_size=16, log_every=1, sample_every=0, warmup=2, preset="tiny-f2",
+                               model={"block_channels": [16, 32], "latent_channels": 2, "norm_groups": 8},
+                               num_samples=4, stats_images=64), "train-vae")}
 
 
 def _weights(checkpoint: Path, which: str = "model") -> dict:

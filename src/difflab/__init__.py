@@ -5,16 +5,27 @@ Quickstart::
     import difflab
     run = difflab.train(dataset="digits", steps=3000)         # a run folder with samples.png, loss.png
     images = difflab.sample(run, n=16, sampler="ddim", steps=50)  # (16, 1, 8, 8) in [0, 1]
+    vae = difflab.train_vae(dataset="fashion-mnist", image_size=32)   # an autoencoder for latent diffusion
+    latent = difflab.train(dataset="fashion-mnist", image_size=32, vae=str(vae))
 """
 
 from difflab.denoisers import Denoiser, EDMParameterization, VPParameterization
 from difflab.errors import DifflabError
 from difflab.generate import generate, sample
-from difflab.models import Model, NoisyClassifier, load, load_classifier, load_model
-from difflab.tasks import DiffusionConfig, NoisyClassifierConfig, train, train_classifier
+from difflab.models import (
+           Model,
+           NoisyClassifier,
+           TrainedAutoencoder,
+           load,
+           load_autoencoder,
+           load_classifier,
+           load_model,
+)
+from difflab.tasks import DiffusionConfig, NoisyClassifierConfig, VAEConfig, train, train_classifier, train_vae
 from difflab.training.config import RunConfig
 
 __version__ = "0.1.0"
 __all__ = ["Denoiser", "DifflabError", "DiffusionConfig", "EDMParameterization", "Model", "NoisyClassifier",
-           "NoisyClassifierConfig", "RunConfig", "VPParameterization", "generate", "load", "load_classifier",
-           "load_model", "sample", "train", "train_classifier", "__version__"]
+           "NoisyClassifierConfig", "RunConfig", "TrainedAutoencoder", "VAEConfig", "VPParameterization", "generate",
+           "load", "load_autoencoder", "load_classifier", "load_model", "sample", "train", "train_classifier",
+           "train_vae", "__version__"]

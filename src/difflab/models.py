@@ -22,9 +22,10 @@ from torch import nn
 from difflab.conditioning import ClassConditioner, conditioner_from_config
 from difflab.denoisers import Denoiser, Parameterization, parameterization_from_config
 from difflab.devices import resolve_device
-from difflab.encoders import PixelEncoder, encoder_from_config
+from difflab.encoders import LatentEncoder, PixelEncoder, encoder_from_config
 from difflab.errors import DifflabError
 from difflab.nn import UNet, UNetClassifier, UNetConfig
+from difflab.nn.vae import Autoencoder, AutoencoderConfig
 from difflab.schedules import NoiseSchedule
 from difflab.tensors import append_dims, sigma_per_example
 from difflab.training.checkpoint import (
@@ -38,6 +39,7 @@ from difflab.training.checkpoint import (
 
 MODEL_FORMAT = "difflab-model-2"
 CLASSIFIER_FORMAT = "difflab-classifier-2"
+VAE_FORMAT = "difflab-vae-1"
 
 
 @dataclass
@@ -47,7 +49,7 @@ class Model:
     config that rebuilds it, and the checkpoint it came from."""
 
     denoiser: Denoiser
-    encoder: PixelEncoder
+    encoder: PixelEncoder | LatentEncoder
     conditioner: ClassConditioner | None
     config: dict
     checkpoint: Path | None = None
@@ -86,6 +88,50 @@ class Model:
         return self
 
 
+@dataclass
+class TrainedAutoencoder:
+    """An autoencoder ready to be a latent model's encoder: a ``difflab train-vae`` checkpoint or Stable
+    Diffusion's VAE (a diffusers ``AutoencoderKL`` folder), with the per-channel latent statistics to whiten with
+    (None when a checkpoint has none yet: only the final one of a run records them)."""
+
+    autoencoder: Autoencoder
+    mean: list[float] | None
+    std: list[float] | None
+    source: str                      # where it came from (a checkpoint folder, a diffusers folder or hub id)
+    image_size: int | None           # the image size it was trained on (None: not recorded, e.g. diffusers)
+    config: dict | None = None       # the train-vae checkpoint's config
+
+    def to(self, device) -> TrainedAutoencoder:
+        self.autoencoder.to(device).eval()
+        return self
+
+    def encoder(self, mean: list[float] | None = None, std: list[float] | None = None) -> LatentEncoder:
+        """The :class:`~difflab.encoders.LatentEncoder` of a latent model (its own statistics unless given)."""
+        mean, std = mean or self.mean, std or self.std
+        if mean is None or std is None:
+            raise DifflabError(f"the autoencoder {self.source} has no latent statistics")
+        return LatentEncoder(self.autoencoder, mean, std, self.source)
+
+
+def load_autoencoder(path: str | Path, *, device: str | torch.device = "auto") -> TrainedAutoencoder:
+    """The autoencoder of ``difflab train --vae``: a train-vae run or checkpoint folder (EMA weights), or a diffusers
+    ``AutoencoderKL`` folder (or a pipeline folder with ``vae/``, or a hub id when online) -- Stable Diffusion's
+    VAE, whose statistics come from its own ``scaling_factor`` and ``shift_factor`` (mean = shift, std = 1/scale)."""
+    from difflab import vae_io  # diffusers folders are read without diffusers; only this module knows them
+
+    if vae_io.is_diffusers_autoencoder(path) or not Path(path).exists():
+        loaded = vae_io.load_diffusers_autoencoder(path, device=resolve_device(device))
+        c = loaded.autoencoder.config.latent_channels
+        return TrainedAutoencoder(loaded.autoencoder, [loaded.shift_factor] * c, [1.0 / loaded.scaling_factor] * c,
+                                  loaded.source, None)
+    loaded = load(path, device=device)
+    if not isinstance(loaded, TrainedAutoencoder):
+        kind = "diffusion model" if isinstance(loaded, Model) else "noise-aware classifier"
+        raise DifflabError(f"--vae '{path}' is a {kind}, not an autoencoder (train one with difflab train-vae, or "
+                           "give a diffusers AutoencoderKL folder)")
+    return loaded
+
+
 class NoisyClassifier(nn.Module):
     """``clf(x, sigma) -> logits (N, K)`` of p(y | x, sigma) for x = x0 + sigma * noise (sigma coordinates), for
     classifier guidance (:func:`difflab.guidance.classifier_guidance`).
@@ -109,7 +155,7 @@ class NoisyClassifier(nn.Module):
 
 
 def model_config(unet: UNetConfig, *, parameterization: Parameterization, data: dict,
-                 encoder: PixelEncoder | None = None, conditioner: ClassConditioner | None = None) -> dict:
+                 encoder: PixelEncoder | LatentEncoder | None = None, conditioner: ClassConditioner | None = None) -> dict:
     """The JSON that rebuilds a diffusion model (config.json of its checkpoints). ``data``: name, channels,
     image_size of the images it generates."""
     return {"format": MODEL_FORMAT, "unet": dataclasses.asdict(unet), "parameterization": parameterization.config(),
@@ -151,14 +197,18 @@ def upgrade_config(config: dict) -> dict:
     return config
 
 
-def build(config: dict) -> Model | NoisyClassifier:
+def build(config: dict) -> Model | NoisyClassifier | TrainedAutoencoder:
     """A freshly initialised model of the kind ``config['format']`` names (weights from :func:`load`)."""
     config = upgrade_config(config)
     fmt = config.get("format")
-    if fmt not in (MODEL_FORMAT, CLASSIFIER_FORMAT):
-        raise DifflabError(f"not a difflab model config (format {fmt!r}, expected {MODEL_FORMAT!r} or "
-                           f"{CLASSIFIER_FORMAT!r})")
+    if fmt not in (MODEL_FORMAT, CLASSIFIER_FORMAT, VAE_FORMAT):
+        raise DifflabError(f"not a difflab model config (format {fmt!r}, expected {MODEL_FORMAT!r}, "
+                           f"{CLASSIFIER_FORMAT!r} or {VAE_FORMAT!r})")
     try:
+        if fmt == VAE_FORMAT:
+            stats = config.get("latent_stats") or {}
+            return TrainedAutoencoder(Autoencoder(AutoencoderConfig(**config["autoencoder"])), stats.get("mean"),
+                                      stats.get("std"), "", config["data"].get("image_size"), config)
         unet = UNetConfig(**config["unet"])
         parameterization = parameterization_from_config(config["parameterization"])
         if fmt == CLASSIFIER_FORMAT:
@@ -171,7 +221,8 @@ def build(config: dict) -> Model | NoisyClassifier:
         raise DifflabError(f"model config is incomplete or has unknown fields: {e}") from None
 
 
-def load(path: str | Path, *, weights: str = "ema", device: str | torch.device = "auto") -> Model | NoisyClassifier:
+def load(path: str | Path, *, weights: str = "ema", device: str | torch.device = "auto"
+         ) -> Model | NoisyClassifier | TrainedAutoencoder:
     """Load a run folder (its newest checkpoint) or a checkpoint folder, of any kind; EMA weights by default.
 
     In a run folder a damaged newest checkpoint gives way to the next older one, with a warning -- as does one
@@ -206,9 +257,20 @@ def load(path: str | Path, *, weights: str = "ema", device: str | torch.device =
     raise DifflabError(f"no usable checkpoint in '{path}': {'; '.join(problems)}")
 
 
-def _load_checkpoint(checkpoint: Path, weights: str, device) -> Model | NoisyClassifier:
-    config, tensors = read_model_files(checkpoint, weights)
+def _load_checkpoint(checkpoint: Path, weights: str, device) -> Model | NoisyClassifier | TrainedAutoencoder:
+    config, tensors, extra = read_model_files(checkpoint, weights, extra=(LatentEncoder.weights_name,))
     loaded = build(config)
+    if isinstance(loaded, TrainedAutoencoder):  # train-vae checkpoints hold autoencoder.* (and discriminator.*)
+        prefix = "autoencoder."
+        load_state(loaded.autoencoder, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                   checkpoint)
+        loaded.source = str(checkpoint)
+        return loaded.to(resolve_device(device))
+    if isinstance(loaded, Model) and isinstance(loaded.encoder, LatentEncoder):
+        if LatentEncoder.weights_name not in extra:
+            raise DifflabError(f"checkpoint {checkpoint} is a latent model but holds no {LatentEncoder.weights_name}"
+                               ".safetensors (its autoencoder)")
+        load_state(loaded.encoder.autoencoder, extra[LatentEncoder.weights_name], checkpoint)
     net = loaded.denoiser.net if isinstance(loaded, Model) else loaded.net
     load_state(net, tensors, checkpoint)
     if isinstance(loaded, Model):
@@ -222,7 +284,8 @@ def load_model(path: str | Path, *, weights: str = "ema", device: str | torch.de
     """:func:`load`, for a diffusion model (a one-line error for anything else)."""
     model = load(path, weights=weights, device=device)
     if not isinstance(model, Model):
-        raise DifflabError(f"'{path}' is a noise-aware classifier, not a diffusion model")
+        kind = "an autoencoder (difflab train-vae)" if isinstance(model, TrainedAutoencoder) else "a noise-aware classifier"
+        raise DifflabError(f"'{path}' is {kind}, not a diffusion model")
     return model
 
 

@@ -1,8 +1,8 @@
 """The ``difflab`` command line: thin, it only parses arguments and calls the library.
 
-    difflab train / train-classifier    one command per training task (cli/train.py, from difflab.tasks.TASKS)
+    difflab train / train-classifier / train-vae   one command per training task (cli/train.py, from difflab.tasks.TASKS)
     difflab sample / samplers           cli/sample.py
-    difflab eval                        cli/evaluate.py
+    difflab eval / eval-vae             cli/evaluate.py
 
 Exit codes: 0 done, 2 a user mistake or a damaged file (one line on stderr), 130 interrupted (Ctrl-C, SIGTERM),
 1 a bug (a stack trace); see difflab.errors.
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_parser(sub)
     sample.add_samplers_parser(sub)
     evaluate.add_parser(sub)
+    evaluate.add_vae_parser(sub)
     return parser
 
 

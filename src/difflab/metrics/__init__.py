@@ -39,3 +39,8 @@ __all__ = [
     "precision_recall",
     "save_reference",
 ]
+
+# Reconstruction metrics (issue 12): per-image PSNR and SSIM for autoencoders.
+from difflab.metrics.reconstruction import psnr, ssim  # noqa: E402
+
+__all__ += ["psnr", "ssim"]

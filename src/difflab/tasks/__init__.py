@@ -7,12 +7,14 @@ one flag per setting, resume, torchrun, EMA, interrupts and checkpoints.
 
 from difflab.tasks.diffusion import DiffusionConfig, DiffusionTask, train
 from difflab.tasks.noisy_classifier import NoisyClassifierConfig, NoisyClassifierTask, train_classifier
+from difflab.tasks.vae import VAEConfig, VAETask, train_vae
 
 # command name -> task
 TASKS = {
     "train": DiffusionTask,
     "train-classifier": NoisyClassifierTask,
+    "train-vae": VAETask,
 }
 
-__all__ = ["TASKS", "DiffusionConfig", "DiffusionTask", "NoisyClassifierConfig", "NoisyClassifierTask", "train",
-           "train_classifier"]
+__all__ = ["TASKS", "DiffusionConfig", "DiffusionTask", "NoisyClassifierConfig", "NoisyClassifierTask", "VAEConfig",
+           "VAETask", "train", "train_classifier", "train_vae"]

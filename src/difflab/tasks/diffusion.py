@@ -24,12 +24,12 @@ from difflab import distributed
 from difflab.conditioning import ClassConditioner, Cond, cond_index, cond_len
 from difflab.denoisers import PARAMETERIZATIONS, Denoiser, EDMParameterization, Parameterization, VPParameterization
 from difflab.devices import autocast
-from difflab.encoders import PixelEncoder
+from difflab.encoders import LatentEncoder, PixelEncoder, latent_cache, moments_statistics
 from difflab.errors import DifflabError
 from difflab.evaluation import make_evaluator
 from difflab.generate import generate_sharded
 from difflab.losses import denoising_loss
-from difflab.models import Model, model_config
+from difflab.models import Model, load_autoencoder, model_config
 from difflab.nn import UNet, unet_config
 from difflab.schedules import make_schedule
 from difflab.tasks.images import load_training_images
@@ -60,6 +60,11 @@ class DiffusionConfig:
     timesteps: int = setting(1000, "vp: number of diffusion steps T", frozen=True)
     sigma_data: float | None = setting(None, "edm: standard deviation of the data (default: measured on the "
                                              "training images)", frozen=True, metavar="SIGMA")
+    # latent diffusion (tutorial §5.3)
+    vae: str | None = setting(None, "train in the latent space of this autoencoder: a difflab train-vae run or "
+                                    "checkpoint, or a diffusers AutoencoderKL folder (Stable Diffusion's VAE) or hub "
+                                    "id; the dataset is encoded once into a cached set of latents", frozen=True,
+                              metavar="RUN_OR_FOLDER")
     # conditioning
     conditional: bool = setting(False, "class-conditional: the U-Net also sees the dataset's labels (needs labelled "
                                        "data: a named dataset or a folder with one subfolder per class)", frozen=True)
@@ -135,7 +140,7 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
         elif cfg.sigma_data is not None:
             raise DifflabError("--sigma-data applies to --parameterization edm only")
         make_schedule(cfg.schedule, cfg.timesteps)  # a bad schedule name fails here, before the data loads
-        if run.image_size is not None:  # refuse a size the U-Net cannot take before spending time on the data
+        if run.image_size is not None and cfg.vae is None:  # refuse a size the U-Net cannot take, before the data
             unet_config(cfg.preset, image_size=run.image_size, in_channels=run.channels or 1, **cfg.model)
 
     def setup(self) -> torch.nn.Module:
@@ -143,7 +148,9 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
         data, self.run = load_training_images(self.run, ctx)
         self.data_name, self.image_shape = data.name, tuple(data.images.shape[1:])
         self.images = data.images.to(ctx.device)  # all supported datasets fit; uint8 until a batch is drawn
-        self.encoder = PixelEncoder()
+        self.encoder, self.latents = PixelEncoder(), None
+        if cfg.vae is not None:
+            self.encoder, self.latents = self._latent_setup(data)
         self.conditioner, self.labels = None, None
         if cfg.conditional:
             if data.labels is None:
@@ -152,7 +159,9 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
             self.conditioner = ClassConditioner(data.class_names, cfg.label_dropout)
             self.labels = data.labels.to(ctx.device)
         if cfg.parameterization == "edm" and cfg.sigma_data is None:
-            self.config = cfg = dataclasses.replace(cfg, sigma_data=round(data_std(self.images, self.encoder), 6))
+            std = (data_std(self.images, self.encoder) if self.latents is None
+                   else whitened_std(self.encoder, *self.latents))
+            self.config = cfg = dataclasses.replace(cfg, sigma_data=round(std, 6))
         self.parameterization = make_parameterization(cfg)
         channels, size = self.encoder.model_shape(self.image_shape)[:2]
         self.unet = unet_config(cfg.preset, image_size=size, in_channels=channels, **cfg.model,
@@ -167,12 +176,56 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
         self.shard = slice(*distributed.shard_range(self.run.batch_size, ctx.dist.rank, ctx.dist.world_size))
         return net
 
+    def _latent_setup(self, data) -> tuple[LatentEncoder, tuple[torch.Tensor, torch.Tensor]]:
+        """The autoencoder of ``--vae`` and the posterior (mean, std) of every training image, from the latent
+        cache (encoded once; mirrored copies follow the originals when flips apply)."""
+        cfg, ctx, run = self.config, self.ctx, self.run
+        trained = load_autoencoder(cfg.vae, device=ctx.device)
+        size = self.image_shape[1]
+        if trained.image_size is not None and trained.image_size != size:
+            raise DifflabError(f"the autoencoder {cfg.vae} was trained on {trained.image_size}x{trained.image_size} "
+                               f"images, the data is {size}x{size} (set --image-size {trained.image_size})")
+        probe = trained.encoder([0.0] * trained.autoencoder.config.latent_channels,
+                                [1.0] * trained.autoencoder.config.latent_channels)
+        probe.model_shape(self.image_shape)  # one line for a channel count or size the autoencoder cannot take
+
+        def cache():
+            return latent_cache(probe, data.images, data_name=data.name, hflip=run.hflip, device=ctx.device,
+                                progress=ctx.progress)
+
+        moments = distributed.main_first(cache) or cache()  # the main process writes the cache, the others read it
+        if trained.mean is None:
+            mean, std = moments_statistics(moments[0][: len(data.images)], moments[1][: len(data.images)])
+            if ctx.main:
+                print(f"the autoencoder {cfg.vae} records no latent statistics (only a run's final checkpoint does): "
+                      "measured them on this dataset")
+        else:
+            mean, std = trained.mean, trained.std
+        home = ctx.device  # the cache lives on the GPU when it fits in half of its free memory, else in host memory
+        if ctx.device.type == "cuda" and 2 * moments[0].nbytes > 0.5 * torch.cuda.mem_get_info(ctx.device)[0]:
+            home = torch.device("cpu")
+            if ctx.main:
+                print(f"the latent cache ({2 * moments[0].nbytes / 2**30:.1f} GiB) stays in host memory")
+        return trained.encoder(mean, std).to(ctx.device), (moments[0].to(home), moments[1].to(home))
+
+    def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
+        """A latent model's checkpoints carry its autoencoder, so each one samples on its own."""
+        return {LatentEncoder.weights_name: self.encoder.autoencoder} if self.latents is not None else {}
+
     def batch(self, step: int, generator: torch.Generator) -> DiffusionBatch:
         run, device = self.run, self.ctx.device
         idx = batch_indices(step, run.batch_size, len(self.images), run.seed).to(device)
-        x0 = self.encoder.encode(self.images[idx])  # the global batch, in [-1, 1] for pixel models
-        if run.hflip:
-            x0 = random_hflip(x0, generator)
+        if self.latents is not None:  # latent diffusion: a fresh posterior draw z ~ q(z | x) of each cached image
+            rows = idx
+            if run.hflip:  # the mirrored copy of image i is row N + i of the cache
+                rows = idx + len(self.images) * (torch.rand(len(idx), generator=generator, device=device) < 0.5)
+            home = self.latents[0].device
+            mean, std = self.latents[0][rows.to(home)].to(device), self.latents[1][rows.to(home)].to(device)
+            x0 = self.encoder.whiten(mean + std * torch.randn(mean.shape, generator=generator, device=device))
+        else:
+            x0 = self.encoder.encode(self.images[idx])  # the global batch, in [-1, 1] for pixel models
+            if run.hflip:
+                x0 = random_hflip(x0, generator)
         sigma = self.parameterization.sample_sigma(x0.shape[0], generator, device)  # DDPM Alg. 1, line 3
         noise = torch.randn(x0.shape, generator=generator, device=device)  # line 4
         cond = None
@@ -251,6 +304,15 @@ def data_std(images: torch.Tensor, encoder: PixelEncoder, chunk: int = 4096) -> 
         total, total_sq, count = total + float(x.sum()), total_sq + float(x.square().sum()), count + x.numel()
     mean = total / count
     return math.sqrt(max(total_sq / count - mean**2, 0.0))
+
+
+def whitened_std(encoder: LatentEncoder, mean: torch.Tensor, std: torch.Tensor) -> float:
+    """EDM's sigma_data of whitened latents, in closed form from the cached posteriors: per channel c the model
+    sees x = (z - m_c) / s_c with E[x] = (mu_c - m_c) / s_c and Var[x] = var_c / s_c^2 (law of total variance)."""
+    mu, sd = (torch.tensor(v, dtype=torch.float64) for v in moments_statistics(mean, std))
+    m, s = encoder.mean.flatten().double().cpu(), encoder.std.flatten().double().cpu()
+    ex, varx = (mu - m) / s, (sd / s).square()
+    return math.sqrt(max(float((varx + ex.square()).mean() - ex.mean().square()), 0.0))
 
 
 def train(config: dict | None = None, *, resume: str | Path | None = None, overwrite: bool = False,

@@ -22,6 +22,7 @@ pickle (or a pickle renamed to ``model.safetensors``) is refused before a byte o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -315,29 +316,38 @@ def load_weights(checkpoint: Path, which: str = "ema") -> dict[str, torch.Tensor
     return load_tensors(path)
 
 
-def read_model_files(checkpoint: Path, weights: str = "ema") -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json, weights) of a checkpoint folder, both files opened before either is read: a run that is still
-    training may prune the checkpoint meanwhile, and an open file outlives its deletion (POSIX), so what is read is
-    one consistent checkpoint or a one-line error, never half of one."""
+def read_model_files(checkpoint: Path, weights: str = "ema", extra: tuple[str, ...] = ()
+                     ) -> tuple[dict, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """(config.json, weights, further weights) of a checkpoint folder -- ``extra`` names further
+    ``<name>.safetensors`` files read when present (a latent model's ``vae``) -- every file opened before any is
+    read: a run that is still training may prune the checkpoint meanwhile, and an open file outlives its deletion
+    (POSIX), so what is read is one consistent checkpoint or a one-line error, never half of one."""
     checkpoint = Path(checkpoint)
     if weights not in ("model", "ema") and not weights.startswith("ema_"):
         raise DifflabError(f"weights must be 'ema' or 'model', got '{weights}'")
-    config_path, weights_path = checkpoint / "config.json", checkpoint / f"{weights}.safetensors"
+    paths = {"config": checkpoint / "config.json", weights: checkpoint / f"{weights}.safetensors",
+             **{name: checkpoint / f"{name}.safetensors" for name in extra
+                if (checkpoint / f"{name}.safetensors").is_file()}}
     try:
-        with open(config_path, "rb") as config_file, open(weights_path, "rb") as weights_file:
-            config_bytes, weight_bytes = config_file.read(), weights_file.read()
+        with contextlib.ExitStack() as stack:
+            files = {name: stack.enter_context(open(path, "rb")) for name, path in paths.items()}
+            data = {name: f.read() for name, f in files.items()}
     except OSError as e:
         raise DifflabError(f"cannot read {e.filename or checkpoint}: {e.strerror}") from None
     try:
-        config = json.loads(config_bytes)
+        config = json.loads(data.pop("config"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DifflabError(f"cannot read {config_path}: {_first_line(e)}") from None
-    if _sniff_head(weight_bytes[:9], len(weight_bytes)) == "pickle":
-        raise DifflabError(f"{weights_path} is a pickle, not safetensors; difflab never loads pickles")
-    try:
-        return config, load_safetensors_bytes(weight_bytes)
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise DifflabError(f"cannot read {weights_path}: {_first_line(e)}") from None
+        raise DifflabError(f"cannot read {paths['config']}: {_first_line(e)}") from None
+    tensors = {}
+    for name, raw in data.items():
+        if _sniff_head(raw[:9], len(raw)) == "pickle":
+            raise DifflabError(f"{paths[name]} is a pickle, not safetensors; difflab never loads pickles")
+        try:
+            tensors[name] = load_safetensors_bytes(raw)
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise DifflabError(f"cannot read {paths[name]}: {_first_line(e)}") from None
+    main = tensors.pop(weights)
+    return config, main, tensors
 
 
 def load_training_state(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -175,6 +175,7 @@ def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
             ctx.run_dir = Path(distributed.broadcast_object(chosen))
         distributed.main_first(lambda: write_json(ctx.run_dir / "config.json", to_json(task.name, run, task.config)))
         _loop(task, state)
+        task.before_final_checkpoint(state.emas["ema"])
         _checkpoint(task, state, run.steps, final=True)
         ema = state.emas["ema"]
         if run.eval_every:
@@ -375,7 +376,7 @@ def _checkpoint(task: Task, state: RunState, step: int, *, final: bool = False) 
     def write() -> Path:
         tensors, opt_meta = optimizer_to_tensors(state.optimizer)
         tensors["rng.noise"] = state.noise.get_state()
-        extra = {name: ema for name, ema in state.emas.items() if name != "ema"}
+        extra = {**{name: ema for name, ema in state.emas.items() if name != "ema"}, **task.checkpoint_modules()}
         return save_checkpoint(ctx.run_dir, step, model=state.net, ema=state.emas["ema"], config=task.model_config(),
                                state_tensors=tensors, extra_weights=extra, keep=task.run.keep,
                                state_json={"optimizer": opt_meta, "skipped": state.skipped,

@@ -13,6 +13,8 @@ labels)`` the same way):
         def batch(self, step, generator): ...          # this process's share of global batch ``step``
         def loss(self, net, batch): ...                # per-example loss (n,) and per-example metrics to log
         def model_config(self) -> dict: ...            # config.json that rebuilds the trained model
+        def checkpoint_modules(self): ...              # optional: further modules a checkpoint holds (a frozen VAE)
+        def before_final_checkpoint(self, ema): ...    # optional: results the final config records (latent stats)
         def show(self, step, ema): ...                 # optional: a progress picture (sample grid, ...)
         def evaluate(self, step, ema): ...             # optional: metrics of the EMA model, logged as eval_*
         def finish(self, ema): ...                     # optional: after the final checkpoint (accuracy table, ...)
@@ -118,6 +120,15 @@ class Task:
     def model_config(self) -> dict:
         """The JSON that rebuilds the trained model (config.json of every checkpoint)."""
         raise NotImplementedError
+
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        """Further modules every checkpoint must hold to rebuild the model, saved as ``<name>.safetensors`` (a latent
+        model's frozen autoencoder: ``vae``)."""
+        return {}
+
+    def before_final_checkpoint(self, ema: nn.Module) -> None:
+        """Work whose result the final checkpoint's :meth:`model_config` records (called on every process; e.g. the
+        autoencoder's latent statistics)."""
 
     def show(self, step: int, ema: nn.Module) -> None:
         """Draw a progress picture into the run folder (called on every process; write files via ``ctx.on_main``)."""
