@@ -117,8 +117,11 @@ def test_latent_diffusion_trains_samples_and_resumes(vae_run, tmp_path):
     assert main(["sample", str(run), "-n", "3", "--steps", "3", "--quiet", "--out", str(tmp_path / "gen")]) == 0
     images = difflab.sample(run, n=3, steps=3)
     assert images.shape == (3, 1, 8, 8) and bool(torch.isfinite(images).all())
-    # resuming from step 3 ends where the uninterrupted run ended
-    short = difflab.train(vae=str(vae_run), steps=3, checkpoint_every=3, out=str(tmp_path), name="resumed", **UNET)
+    # resuming from step 3 ends where the uninterrupted run ended -- with the run's own autoencoder, even when the
+    # --vae folder has gone meanwhile
+    moved = shutil.copytree(vae_run, tmp_path / "vae-copy")
+    short = difflab.train(vae=str(moved), steps=3, checkpoint_every=3, out=str(tmp_path), name="resumed", **UNET)
+    shutil.rmtree(moved)
     resumed = loop.train(difflab.tasks.DiffusionTask, resume=short, steps=6, progress=False)
     a, b = (load_file(list_checkpoints(r)[-1] / "model.safetensors") for r in (run, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -189,15 +192,40 @@ def test_bad_vae_input_is_one_line(vae_run, tmp_path, capsys):
     save_file(tensors, weights)
     one_line(["train", "--vae", str(folder), *out], "encoder.conv_in.weight")
     one_line(["sample", str(vae_run)], "autoencoder", "not a diffusion model")
+    one_line(["train", "--vae", "tests/no-such-vae", *out], "no such folder")  # local-looking: never the Hub
+    one_line(["train-vae", "--config", str(_yaml(tmp_path, "model: {in_channels: 3, out_channels: 2}")), *out],
+             "out_channels")
+    one_line(["train-vae", "--config", str(_yaml(tmp_path, "model: {block_channels: 64}")), *out], "block_channels")
     one_line(["train-vae", "--preset", "huge", *out], "huge")
     one_line(["train-vae", "--kl-weight", "-1", *out], "--kl-weight")
     assert not (tmp_path / "o").exists()
 
 
+def _yaml(tmp_path, text):
+    path = tmp_path / "options.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_hub_uploads_with_the_old_attention_names_load(tmp_path):
+    """Many Hub copies of Stable Diffusion's VAE name the mid-block attention query/key/value/proj_attn (diffusers
+    before 0.15); they load, and decode like the new names."""
+    folder = _diffusers_folder(tmp_path)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    new = load_file(weights)
+    old = {k.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.")
+           .replace(".to_out.0.", ".proj_attn."): v for k, v in new.items()}
+    assert any(".query." in k for k in old)
+    save_file(old, weights)
+    loaded = load_autoencoder(folder, device="cpu").autoencoder
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in new.items())
+
+
 def test_eval_vae_measures_reconstructions(vae_run, tmp_path, capsys):
-    assert main(["eval-vae", str(vae_run), "--real", "digits", "--split", "train", "-n", "300", "--quiet",
+    assert main(["eval-vae", str(vae_run), "--real", "digits:train", "-n", "300", "--quiet",
                  "--json", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
+    assert result["real"] == "digits:train"
     assert result["latent_shape"] == [2, 4, 4] and result["compression"] == 2.0
     assert 15 < result["psnr"] < 60 and 0 < result["ssim"] <= 1 and result["rfid"] >= 0
     assert "PSNR" in capsys.readouterr().out

@@ -73,7 +73,8 @@ class LatentEncoder(nn.Module):
     def __init__(self, autoencoder: Autoencoder, mean: list[float], std: list[float], source: str = ""):
         super().__init__()
         c = autoencoder.config.latent_channels
-        if len(mean) != c or len(std) != c or not all(math.isfinite(v) and v > 0 for v in std):
+        if (len(mean) != c or len(std) != c or not all(math.isfinite(v) and v > 0 for v in std)
+                or not all(math.isfinite(v) for v in mean)):
             raise DifflabError(f"latent statistics must give {c} means and {c} positive stds, got {mean} / {std}")
         self.autoencoder = autoencoder.requires_grad_(False).eval()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1))

@@ -167,6 +167,8 @@ def evaluate_autoencoder(vae: str, real: str, *, n: int = 10_000, split: str = "
 
     device = resolve_device(device)
     trained = load_autoencoder(vae, device=device)
+    if ":" in real and not Path(real).exists():  # "fashion-mnist:train" names its split
+        real, split = real.rsplit(":", 1)
     size = image_size or trained.image_size
     images, real_name = load_real_images(real, n=n, image_size=size, channels=trained.autoencoder.config.in_channels,
                                          data_dir=data_dir, split=split, progress=progress)

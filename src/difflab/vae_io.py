@@ -13,6 +13,7 @@ read with safetensors only; a pickled ``.bin`` is refused.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,7 @@ def load_diffusers_autoencoder(path_or_hub_id: str | Path, *, device: str | torc
     path = Path(path_or_hub_id)
     source = str(path_or_hub_id)
     if not path.exists():
-        if not HUB_ID.fullmatch(source):
+        if not HUB_ID.fullmatch(source) or Path(source.split("/")[0]).exists():  # runs/x: a local path, mistyped
             raise DifflabError(f"no such folder: {source} (pass a diffusers AutoencoderKL folder or a Hub id "
                                f"like stabilityai/sd-vae-ft-mse)")
         path = _download(source)
@@ -174,6 +175,7 @@ def load_diffusers_autoencoder(path_or_hub_id: str | Path, *, device: str | torc
     except (SafetensorError, OSError) as error:
         raise DifflabError(f"cannot read {weights_file}: {error}") from None
 
+    weights = _rename_deprecated_attention(weights)
     autoencoder = Autoencoder(config)
     _check_state_dict(autoencoder, weights, source=str(weights_file))
     autoencoder.load_state_dict(weights, strict=True)
@@ -181,6 +183,26 @@ def load_diffusers_autoencoder(path_or_hub_id: str | Path, *, device: str | torc
     # 1.x/2.x's value); a config that states its factor (SDXL: 0.13025) is read as is.
     scaling = raw.get("scaling_factor")
     shift = raw.get("shift_factor")
-    return LoadedAutoencoder(autoencoder=autoencoder.to(device).eval(),
-                             scaling_factor=float(0.18215 if scaling is None else scaling),
-                             shift_factor=float(0.0 if shift is None else shift), source=source)
+    try:
+        scaling, shift = float(0.18215 if scaling is None else scaling), float(0.0 if shift is None else shift)
+    except (TypeError, ValueError):
+        scaling = shift = float("nan")
+    if not (math.isfinite(scaling) and scaling > 0 and math.isfinite(shift)):
+        raise DifflabError(f"{folder / 'config.json'}: scaling_factor must be a positive number and shift_factor a "
+                           f"number, got {raw.get('scaling_factor')!r} and {raw.get('shift_factor')!r}")
+    return LoadedAutoencoder(autoencoder=autoencoder.to(device).eval(), scaling_factor=scaling, shift_factor=shift,
+                             source=source)
+
+
+# Attention parameter names of diffusers before 0.15 (PR 3387), still in many Hub uploads of Stable Diffusion's VAE;
+# diffusers renames them when it loads, and so does difflab.
+DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _rename_deprecated_attention(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    pattern = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
+    renamed = {}
+    for key, value in weights.items():
+        m = pattern.match(key)
+        renamed[f"{m[1]}{DEPRECATED_ATTENTION[m[2]]}.{m[3]}" if m else key] = value
+    return renamed

@@ -130,7 +130,10 @@ def autoencoder_config(preset: str = "tiny", **overrides) -> AutoencoderConfig:
     if preset not in VAE_PRESETS:
         raise DifflabError(f"unknown autoencoder preset '{preset}' (choose from {', '.join(VAE_PRESETS)})")
     _check_fields(overrides)
-    return AutoencoderConfig(**{**VAE_PRESETS[preset], **overrides})
+    try:
+        return AutoencoderConfig(**{**VAE_PRESETS[preset], **overrides})
+    except (TypeError, ValueError) as e:  # e.g. block_channels: 64, logvar_min: "low"
+        raise DifflabError(f"autoencoder config {overrides}: {e}") from None
 
 
 class DiagonalGaussian:

@@ -29,11 +29,12 @@ from difflab.errors import DifflabError
 from difflab.evaluation import make_evaluator
 from difflab.generate import generate_sharded
 from difflab.losses import denoising_loss
-from difflab.models import Model, load_autoencoder, model_config
+from difflab.models import Model, TrainedAutoencoder, load_autoencoder, load_model, model_config
 from difflab.nn import UNet, unet_config
 from difflab.schedules import make_schedule
 from difflab.tasks.images import load_training_images
 from difflab.training import loop
+from difflab.training.checkpoint import latest_valid_checkpoint
 from difflab.training.config import setting
 from difflab.training.runs import batch_indices, random_hflip
 from difflab.training.task import Task
@@ -159,8 +160,7 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
             self.conditioner = ClassConditioner(data.class_names, cfg.label_dropout)
             self.labels = data.labels.to(ctx.device)
         if cfg.parameterization == "edm" and cfg.sigma_data is None:
-            std = (data_std(self.images, self.encoder) if self.latents is None
-                   else whitened_std(self.encoder, *self.latents))
+            std = data_std(self.images, self.encoder) if self.latents is None else self.latent_sigma_data
             self.config = cfg = dataclasses.replace(cfg, sigma_data=round(std, 6))
         self.parameterization = make_parameterization(cfg)
         channels, size = self.encoder.model_shape(self.image_shape)[:2]
@@ -180,7 +180,7 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
         """The autoencoder of ``--vae`` and the posterior (mean, std) of every training image, from the latent
         cache (encoded once; mirrored copies follow the originals when flips apply)."""
         cfg, ctx, run = self.config, self.ctx, self.run
-        trained = load_autoencoder(cfg.vae, device=ctx.device)
+        trained = self._resumed_autoencoder() or load_autoencoder(cfg.vae, device=ctx.device)
         size = self.image_shape[1]
         if trained.image_size is not None and trained.image_size != size:
             raise DifflabError(f"the autoencoder {cfg.vae} was trained on {trained.image_size}x{trained.image_size} "
@@ -201,12 +201,27 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
                       "measured them on this dataset")
         else:
             mean, std = trained.mean, trained.std
+        encoder = trained.encoder(mean, std)
+        self.latent_sigma_data = whitened_std(encoder, moments[0], moments[1])  # on the CPU, before the move
         home = ctx.device  # the cache lives on the GPU when it fits in half of its free memory, else in host memory
         if ctx.device.type == "cuda" and 2 * moments[0].nbytes > 0.5 * torch.cuda.mem_get_info(ctx.device)[0]:
             home = torch.device("cpu")
             if ctx.main:
                 print(f"the latent cache ({2 * moments[0].nbytes / 2**30:.1f} GiB) stays in host memory")
-        return trained.encoder(mean, std).to(ctx.device), (moments[0].to(home), moments[1].to(home))
+        return encoder.to(ctx.device), (moments[0].to(home), moments[1].to(home))
+
+    def _resumed_autoencoder(self) -> TrainedAutoencoder | None:
+        """On resume, the autoencoder (and statistics) the run trained with, from its newest checkpoint -- not
+        whatever ``--vae`` holds now (a run folder that trained on, a folder that moved)."""
+        if self.ctx.run_dir is None:
+            return None
+        checkpoint = latest_valid_checkpoint(self.ctx.run_dir, warn=lambda message: None)
+        if checkpoint is None:
+            return None
+        model = load_model(checkpoint, device=self.ctx.device)
+        encoder = model.encoder
+        return TrainedAutoencoder(encoder.autoencoder, encoder.mean.flatten().tolist(), encoder.std.flatten().tolist(),
+                                  encoder.source, self.image_shape[1])
 
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
         """A latent model's checkpoints carry its autoencoder, so each one samples on its own."""

@@ -8,8 +8,8 @@ without the perceptual term, which would need downloaded weights)
     L = |x - D(z)|_1  (or squared)  +  kl_weight * KL(q(z|x) || N(0, I))  [+  lambda * L_G  +  L_D]
 
 where KL = 0.5 sum(mean^2 + var - 1 - log var) (Kingma & Welling App. B) and, with ``--gan``, a PatchGAN
-discriminator (Isola et al. 2017) trained with the hinge loss L_D starts at ``--gan-start``; the generator term
-L_G = -E[D(x_rec)] is weighted by LDM's adaptive rule lambda = ||grad_last L_rec|| / (||grad_last L_G|| + 1e-4)
+discriminator (Isola et al. 2017) learns with the hinge loss L_D from the first step, and from ``--gan-start`` on
+the generator term L_G = -E[D(x_rec)] pushes the autoencoder, weighted by LDM's adaptive rule lambda = ||grad_last L_rec|| / (||grad_last L_G|| + 1e-4)
 (gradients at the decoder's last layer) times ``--gan-weight``. Both networks are one module trained by the loop's
 one optimizer: the discriminator sees detached reconstructions in L_D and, in L_G, is called with detached
 weights, so each loss moves only its own network.
@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from difflab.data import to_model_range
-from difflab.devices import autocast
 from difflab.encoders import LatentEncoder, encode_moments, moments_statistics
 from difflab.errors import DifflabError
 from difflab.metrics.reconstruction import psnr, ssim
@@ -59,15 +58,15 @@ RECONSTRUCTION_LOSSES = ("l1", "l2")
 class VAEConfig:
     """The settings of autoencoder training besides the shared ones."""
 
-    preset: str = setting("tiny", f"autoencoder size preset: {', '.join(VAE_PRESETS)} (tiny: f = 4, ~1.5 M "
+    preset: str = setting("tiny", f"autoencoder size preset: {', '.join(VAE_PRESETS)} (tiny: f = 4, 1.7 M "
                                   "parameters; sd: Stable Diffusion's f = 8, 4 latent channels)", frozen=True)
     model: dict = setting(dict, "autoencoder config overrides, e.g. {latent_channels: 4, block_channels: [32, 64, 64]} "
                                 "(config file only)", frozen=True)
     reconstruction: str = setting("l1", "reconstruction loss: l1 (LDM) or l2")
     kl_weight: float = setting(1e-6, "weight of the KL term (LDM: 1e-6; larger gives smoother, blurrier latents)")
     gan: bool = setting(False, "train a PatchGAN discriminator too (hinge loss, LDM's adaptive weight)", frozen=True)
-    gan_start: int = setting(2000, "gan: the step at which the discriminator starts (LDM: after the autoencoder "
-                                   "reconstructs well)")
+    gan_start: int = setting(2000, "gan: the step from which the discriminator's loss pushes the autoencoder (it "
+                                   "learns from the first step; LDM: start once the autoencoder reconstructs well)")
     gan_weight: float = setting(0.5, "gan: factor on LDM's adaptive weight of the generator loss")
     num_samples: int = setting(16, "originals shown next to their reconstructions")
     stats_images: int = setting(4096, "training images whose latents give the per-channel mean and std (0 = all)")
@@ -76,7 +75,7 @@ class VAEConfig:
 class VAEBatch(NamedTuple):
     x: torch.Tensor         # images in [-1, 1] (n, C, H, W)
     eps: torch.Tensor       # the reparameterisation noise, like the latents (n, c, h, w)
-    step: int               # the global step (the discriminator starts at --gan-start)
+    step: int               # the global step (the adversarial term starts at --gan-start)
 
 
 class AutoencoderWithDiscriminator(nn.Module):
@@ -140,7 +139,10 @@ class VAETask(Task):
                 raise DifflabError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
         if cfg.num_samples < 1:
             raise DifflabError(f"--num-samples must be at least 1, got {cfg.num_samples}")
-        config = autoencoder_config(cfg.preset, in_channels=run.channels or 1, **cfg.model)  # a bad preset/field
+        config = autoencoder_config(cfg.preset, **{"in_channels": run.channels or 1, **cfg.model})  # bad preset/field
+        if config.out_channels not in (None, config.in_channels):
+            raise DifflabError(f"model.out_channels must equal the image channels for train-vae, got "
+                               f"{config.out_channels}")
         if run.image_size is not None:
             config.latent_shape(run.image_size)  # an image size the autoencoder cannot take
 
@@ -180,7 +182,7 @@ class VAETask(Task):
 
     def loss(self, net, b: VAEBatch):
         cfg = self.config
-        with_gan = cfg.gan  # computed from the start (weight 0 before --gan-start): DDP needs every weight used
+        with_gan = cfg.gan  # from the start: the discriminator learns, and DDP needs every weight used
         recon, posterior, logits = net(b.x, b.eps, with_gan)
         diff = (recon.float() - b.x).abs() if cfg.reconstruction == "l1" else (recon.float() - b.x).square()
         rec = diff.mean(dim=(1, 2, 3))  # (n,) per-pixel mean, so the KL weight means what LDM's does per pixel
@@ -190,10 +192,12 @@ class VAETask(Task):
         if logits is not None:
             logits_g, logits_real, logits_fake = logits
             g, d = hinge_g_loss(logits_g), hinge_d_loss(logits_real, logits_fake)  # (n,) each
+            # the discriminator learns from the first step (so its Adam moments are warm when it starts to matter);
+            # the autoencoder is pushed by it from --gan-start on (LDM starts both there)
             on = float(b.step >= cfg.gan_start)
             weight = (adaptive_gan_weight(rec.mean(), g.mean(), _unwrap(net).autoencoder.last_layer) * cfg.gan_weight
                       if on else torch.zeros((), device=rec.device))
-            loss = loss + on * (weight * g + d)
+            loss = loss + on * weight * g + d
             metrics.update(g=g.detach(), d=d.detach(), gan_weight=weight.detach().expand_as(rec))
         return loss, metrics
 
@@ -205,10 +209,9 @@ class VAETask(Task):
 
     @torch.no_grad()
     def reconstruct(self, ema: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """Reconstructions (posterior means decoded) of uint8 images, in [-1, 1]."""
-        with autocast(self.ctx.device):
-            return LatentEncoder(ema.autoencoder, [0.0] * self.latent_shape[0], [1.0] * self.latent_shape[0]) \
-                .decode(ema.autoencoder.encode(to_model_range(images)).mean).clamp(-1, 1)
+        """Reconstructions (posterior means decoded, in float32 like difflab eval-vae) of uint8 images, in [-1, 1]."""
+        encoder = LatentEncoder(ema.autoencoder, [0.0] * self.latent_shape[0], [1.0] * self.latent_shape[0])
+        return encoder.decode(encoder.posterior(images).mean).clamp(-1, 1)
 
     def show(self, step: int, ema) -> None:
         """Originals above their reconstructions: reconstructions/step_N.png and reconstructions.png."""

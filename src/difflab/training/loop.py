@@ -134,6 +134,7 @@ def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
     if not names or names[0] != "ema" or any(not n.startswith("ema_") for n in names[1:]):
         raise DifflabError(f"task {task.name}: its EMAs must be 'ema' and then 'ema_<name>'s, got {names}")
     torch.manual_seed(run.seed)  # initial weights
+    ctx.run_dir = resume  # a resumed run is known before setup (a latent model takes its autoencoder from it)
     net = task.setup()
     if ctx.device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
