@@ -65,15 +65,6 @@ def snapshot(folder: Path) -> dict:
             and p.name != ".lock"}
 
 
-def one_line(capsys, argv, *fragments, code=2) -> str:
-    assert main(argv) == code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) >= 1 and err[-1].startswith("difflab: error:") and "Traceback" not in "\n".join(err), err
-    for fragment in fragments:
-        assert fragment in err[-1], err[-1]
-    return err[-1]
-
-
 @contextlib.contextmanager
 def read_only(folder: Path):
     """Make ``folder`` and everything in it unwritable, for root too (who ignores permission bits: chattr +i)."""
@@ -131,12 +122,12 @@ def test_a_second_writer_is_refused_and_a_killed_holder_leaves_no_lock(run, tmp_
     assert list_checkpoints(resumed)[-1].name == "step_0000003"
 
 
-def test_a_folder_in_use_is_never_overwritten_and_default_names_skip_it(run, tmp_path, capsys):
+def test_a_folder_in_use_is_never_overwritten_and_default_names_skip_it(run, tmp_path, one_line):
     before = snapshot(run)
     with RunLock(run):  # as if another process trained in it
-        one_line(capsys, ["train", "--out", str(run.parent), "--name", run.name, "--overwrite", "--quiet"],
+        one_line(["train", "--out", str(run.parent), "--name", run.name, "--overwrite", "--quiet"],
                  "is in use", f"process {os.getpid()}")
-        one_line(capsys, ["train", "--resume", str(run), "--steps", "4", "--quiet"], "is in use")
+        one_line(["train", "--resume", str(run), "--steps", "4", "--quiet"], "is in use")
     assert snapshot(run) == before
     out = tmp_path / "numbered"
     (out / "digits").mkdir(parents=True)
@@ -148,7 +139,7 @@ def test_a_folder_in_use_is_never_overwritten_and_default_names_skip_it(run, tmp
 # 2. no silent restart ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("task", TASKS)
-def test_resume_refuses_when_every_checkpoint_is_damaged(tmp_path, capsys, task):
+def test_resume_refuses_when_every_checkpoint_is_damaged(tmp_path, one_line, task):
     task_class, settings, command = TASKS[task]
     run = loop.train(task_class, steps=2, checkpoint_every=1, out=str(tmp_path / "a folder"), name="my run",
                      progress=False, **settings)
@@ -156,7 +147,7 @@ def test_resume_refuses_when_every_checkpoint_is_damaged(tmp_path, capsys, task)
         state.write_bytes(state.read_bytes()[:50])  # truncated
     shutil.copytree(run / "checkpoints" / "step_0000001", run / "checkpoints" / ".pruned-step_0000000")  # evidence
     before = snapshot(run)
-    err = one_line(capsys, [command, "--resume", str(run), "--steps", "4", "--quiet"],
+    err = one_line([command, "--resume", str(run), "--steps", "4", "--quiet"],
                    "none of its 2 checkpoint(s) is usable", "step_0000002: state.safetensors", "--overwrite")
     assert snapshot(run) == before  # no retraining, no truncated log, no rewritten config
     # the way out it names, copied from the message (paths with spaces quoted), starts over
@@ -171,10 +162,10 @@ def test_resume_refuses_when_every_checkpoint_is_damaged(tmp_path, capsys, task)
 
 @pytest.mark.parametrize("content", [b'{"task": "diffusion", "run": {"dataset": "dig', b"[]", b"{}", b"[1, 2]",
                                      b'{"task": "diffusion", "run": {}, "diffusion": {}}', b"\x80\x04\x95\xff\xfe"])
-def test_a_damaged_run_config_is_refused_in_one_line(run, capsys, content):
+def test_a_damaged_run_config_is_refused_in_one_line(run, one_line, content):
     (run / "config.json").write_bytes(content)
     before = snapshot(run)
-    one_line(capsys, ["train", "--resume", str(run), "--steps", "4", "--quiet"], "config.json")
+    one_line(["train", "--resume", str(run), "--steps", "4", "--quiet"], "config.json")
     assert snapshot(run) == before
 
 
@@ -185,9 +176,9 @@ def test_a_damaged_run_config_is_refused_in_one_line(run, capsys, content):
     (["--lr", "1e30"], "--lr"), (["--weight-decay", "2000", "--lr", "1e-3"], "--weight-decay"),
     (["--weight-decay", "-1"], "--weight-decay"), (["--keep", "-1"], "--keep"), (["--name", "../x"], "--name"),
     (["--name", "a/b"], "--name"), (["--name", ".."], "--name")])
-def test_bad_settings_are_one_line_and_write_nothing(tmp_path, capsys, flags, fragment):
+def test_bad_settings_are_one_line_and_write_nothing(tmp_path, one_line, flags, fragment):
     out = tmp_path / "out"
-    one_line(capsys, ["train", "--out", str(out), "--quiet", *flags], fragment)
+    one_line(["train", "--out", str(out), "--quiet", *flags], fragment)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -196,27 +187,27 @@ def test_keep_zero_keeps_every_checkpoint(tmp_path):
     assert [c.name for c in list_checkpoints(run)] == ["step_0000001", "step_0000002", "step_0000003"]
 
 
-def test_resume_keeps_the_run_where_it_is(run, capsys):
+def test_resume_keeps_the_run_where_it_is(run, one_line):
     before = snapshot(run)
-    one_line(capsys, ["train", "--resume", str(run), "--name", "elsewhere", "--quiet"], "--name", "--resume")
-    one_line(capsys, ["train", "--resume", str(run), "--out", str(run.parent / "other"), "--quiet"], "--out")
+    one_line(["train", "--resume", str(run), "--name", "elsewhere", "--quiet"], "--name", "--resume")
+    one_line(["train", "--resume", str(run), "--out", str(run.parent / "other"), "--quiet"], "--out")
     assert snapshot(run) == before and not (run.parent / "other").exists()
 
 
-def test_read_only_folders_are_one_line(run, tmp_path, capsys):
+def test_read_only_folders_are_one_line(run, tmp_path, one_line):
     locked = tmp_path / "read-only"
     locked.mkdir()
     with read_only(locked):
-        one_line(capsys, ["train", "--out", str(locked), "--quiet"], str(locked))
+        one_line(["train", "--out", str(locked), "--quiet"], str(locked))
     before = snapshot(run)
     with read_only(run):
-        one_line(capsys, ["train", "--resume", str(run), "--steps", "4", "--quiet"], str(run))
-        one_line(capsys, ["sample", str(run), "-n", "1", "--steps", "2", "--quiet"], "generated", "--out")
+        one_line(["train", "--resume", str(run), "--steps", "4", "--quiet"], str(run))
+        one_line(["sample", str(run), "-n", "1", "--steps", "2", "--quiet"], "generated", "--out")
     assert snapshot(run) == before
     assert main(["sample", str(run), "-n", "1", "--steps", "2", "--quiet", "--out", str(tmp_path / "pics")]) == 0
 
 
-def test_damaged_checkpoint_json_and_config_files(run, tmp_path, capsys):
+def test_damaged_checkpoint_json_and_config_files(run, tmp_path, capsys, one_line):
     # state.json of {} in the newest checkpoint: resume falls back to the older one, says so, and goes on
     (run / "checkpoints" / "step_0000002" / "state.json").write_text("{}")
     assert main(["train", "--resume", str(run), "--steps", "3", "--quiet"]) == 0
@@ -226,11 +217,11 @@ def test_damaged_checkpoint_json_and_config_files(run, tmp_path, capsys):
     (newest / "config.json").write_text("[1, 2]")
     assert main(["sample", str(run), "-n", "1", "--steps", "2", "--quiet", "--out", str(tmp_path / "s")]) == 0
     assert f"skipped the newest checkpoint(s), unusable ({newest.name}" in capsys.readouterr().err
-    one_line(capsys, ["sample", str(newest), "-n", "1", "--quiet"], "JSON object")
+    one_line(["sample", str(newest), "-n", "1", "--quiet"], "JSON object")
     # a config file of binary bytes
     binary = tmp_path / "options.yaml"
     binary.write_bytes(bytes(range(128, 256)))
-    one_line(capsys, ["train", "--config", str(binary), "--out", str(tmp_path / "x")], "options.yaml")
+    one_line(["train", "--config", str(binary), "--out", str(tmp_path / "x")], "options.yaml")
     assert not (tmp_path / "x").exists()
 
 

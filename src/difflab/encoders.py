@@ -81,6 +81,13 @@ class LatentEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1))
         self.source = source
 
+    @classmethod
+    def raw(cls, autoencoder: Autoencoder, source: str = "") -> LatentEncoder:
+        """The encoder whose model space is the raw latent z (mean 0, std 1 for every channel): for encoding the
+        cache and measuring the statistics, before they are known."""
+        c = autoencoder.config.latent_channels
+        return cls(autoencoder, [0.0] * c, [1.0] * c, source)
+
     def train(self, mode: bool = True) -> LatentEncoder:
         return super().train(False)  # frozen: never in training mode (no dropout)
 

@@ -52,11 +52,17 @@ def is_run(path: str) -> bool:
     return bool(list_checkpoints(p)) or all((p / f).is_file() for f in REQUIRED_FILES)
 
 
+def dataset_split(source: str, split: str) -> tuple[str, str]:
+    """("fashion-mnist", "test") from "fashion-mnist:test"; a source without a split keeps ``split``."""
+    if ":" in source and not Path(source).exists():
+        source, split = source.rsplit(":", 1)
+    return source, split
+
+
 def load_real_images(source: str, *, n: int | None, image_size: int | None, channels: int | None,
                      data_dir: str | None = None, split: str = "train", progress: bool = True) -> tuple[torch.Tensor, str]:
     """Real images in [-1, 1] from a dataset name or folder (the first ``n`` of a seeded shuffle)."""
-    if ":" in source and not Path(source).exists():  # "fashion-mnist:test"
-        source, split = source.rsplit(":", 1)
+    source, split = dataset_split(source, split)
     data = load_dataset(source, image_size=image_size, channels=channels, data_dir=data_dir, split=split, progress=progress)
     images = data.images
     if n is not None and n < len(images):
@@ -167,8 +173,7 @@ def evaluate_autoencoder(vae: str, real: str, *, n: int = 10_000, split: str = "
 
     device = resolve_device(device)
     trained = load_autoencoder(vae, device=device)
-    if ":" in real and not Path(real).exists():  # "fashion-mnist:train" names its split
-        real, split = real.rsplit(":", 1)
+    real, split = dataset_split(real, split)
     size = image_size or trained.image_size
     images, real_name = load_real_images(real, n=n, image_size=size, channels=trained.autoencoder.config.in_channels,
                                          data_dir=data_dir, split=split, progress=progress)

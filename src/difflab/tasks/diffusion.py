@@ -173,7 +173,7 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
         self.evaluator = distributed.main_first(lambda: make_evaluator(
             data.images, data.name, n=cfg.eval_samples, metrics=cfg.eval_metrics, features=cfg.eval_features,
             device=ctx.device)) if self.run.eval_every else None
-        self.shard = slice(*distributed.shard_range(self.run.batch_size, ctx.dist.rank, ctx.dist.world_size))
+        self.shard = ctx.shard(self.run.batch_size)
         return net
 
     def _latent_setup(self, data) -> tuple[LatentEncoder, tuple[torch.Tensor, torch.Tensor]]:
@@ -185,8 +185,7 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
         if trained.image_size is not None and trained.image_size != size:
             raise DifflabError(f"the autoencoder {cfg.vae} was trained on {trained.image_size}x{trained.image_size} "
                                f"images, the data is {size}x{size} (set --image-size {trained.image_size})")
-        probe = trained.encoder([0.0] * trained.autoencoder.config.latent_channels,
-                                [1.0] * trained.autoencoder.config.latent_channels)
+        probe = LatentEncoder.raw(trained.autoencoder, trained.source)
         probe.model_shape(self.image_shape)  # one line for a channel count or size the autoencoder cannot take
 
         def cache():
@@ -215,7 +214,7 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
         whatever ``--vae`` holds now (a run folder that trained on, a folder that moved)."""
         if self.ctx.run_dir is None:
             return None
-        checkpoint = latest_valid_checkpoint(self.ctx.run_dir, warn=lambda message: None)
+        checkpoint = latest_valid_checkpoint(self.ctx.run_dir, report=lambda checkpoint, problem: None)
         if checkpoint is None:
             return None
         model = load_model(checkpoint, device=self.ctx.device)

@@ -24,7 +24,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from difflab import distributed
 from difflab.data import to_model_range
 from difflab.errors import DifflabError
 from difflab.models import classifier_config
@@ -105,7 +104,7 @@ The run folder holds accuracy.json / accuracy.png: held-out accuracy at each noi
         self.data, self.images, self.labels = data, data.images.to(ctx.device), data.labels.to(ctx.device)
         self.schedule = make_schedule(cfg.schedule, cfg.timesteps)
         self.unet = unet_config(cfg.preset, image_size=size, in_channels=channels, **cfg.model)
-        self.shard = slice(*distributed.shard_range(self.run.batch_size, ctx.dist.rank, ctx.dist.world_size))
+        self.shard = ctx.shard(self.run.batch_size)
         return UNetClassifier(self.unet, len(data.class_names)).to(ctx.device)
 
     def batch(self, step: int, generator: torch.Generator) -> ClassifierBatch:

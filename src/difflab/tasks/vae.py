@@ -166,9 +166,7 @@ class VAETask(Task):
         self.shown = self.images[torch.randperm(len(self.images), generator=torch.Generator().manual_seed(0))
                                  [: cfg.num_samples].to(ctx.device)]
         self.latent_stats = None
-        from difflab import distributed  # the slice of the global batch this process trains on
-
-        self.shard = slice(*distributed.shard_range(self.run.batch_size, ctx.dist.rank, ctx.dist.world_size))
+        self.shard = ctx.shard(self.run.batch_size)
         return net.to(ctx.device)
 
     def batch(self, step: int, generator: torch.Generator) -> VAEBatch:
@@ -210,7 +208,7 @@ class VAETask(Task):
     @torch.no_grad()
     def reconstruct(self, ema: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Reconstructions (posterior means decoded, in float32 like difflab eval-vae) of uint8 images, in [-1, 1]."""
-        encoder = LatentEncoder(ema.autoencoder, [0.0] * self.latent_shape[0], [1.0] * self.latent_shape[0])
+        encoder = LatentEncoder.raw(ema.autoencoder)
         return encoder.decode(encoder.posterior(images).mean).clamp(-1, 1)
 
     def show(self, step: int, ema) -> None:
@@ -234,7 +232,7 @@ class VAETask(Task):
         """The latents' per-channel mean and std over (up to ``stats_images``) training images, for whitening."""
         n = self.config.stats_images or len(self.images)
         pick = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(1))[:n].to(self.ctx.device)
-        encoder = LatentEncoder(ema.autoencoder, [0.0] * self.latent_shape[0], [1.0] * self.latent_shape[0])
+        encoder = LatentEncoder.raw(ema.autoencoder)
         mean, std = encode_moments(encoder, self.images[pick], device=self.ctx.device, progress=self.ctx.progress)
         channel_mean, channel_std = moments_statistics(mean, std)
         self.latent_stats = {"mean": channel_mean, "std": channel_std, "images": int(len(pick))}

@@ -398,13 +398,18 @@ def checkpoint_problem(checkpoint: Path, *, training_state: bool = True) -> str 
     return None
 
 
-def latest_valid_checkpoint(run_dir: Path, *, warn=print) -> Path | None:
-    """The newest checkpoint whose files all read back; damaged ones are reported (``warn``) and skipped."""
+def warn_damaged(checkpoint: Path, problem: str) -> None:
+    print(f"warning: skipping damaged checkpoint {checkpoint}: {problem}")
+
+
+def latest_valid_checkpoint(run_dir: Path, *, report=warn_damaged) -> Path | None:
+    """The newest checkpoint whose files all read back; damaged ones are skipped and passed to ``report``
+    (checkpoint, problem) -- by default a warning."""
     for checkpoint in reversed(checkpoint_folders(run_dir)):
         problem = checkpoint_problem(checkpoint)
         if problem is None:
             return checkpoint
-        warn(f"warning: skipping damaged checkpoint {checkpoint}: {problem}")
+        report(checkpoint, problem)
     return None
 
 

@@ -38,6 +38,7 @@ from difflab.training.checkpoint import (
     remove_leftovers,
     restore_set_aside,
     save_checkpoint,
+    warn_damaged,
     write_json,
 )
 from difflab.training.config import check_run, from_json, frozen_fields, make_configs, to_json
@@ -192,13 +193,13 @@ def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
 def _restore(state: RunState, run_dir: Path, seed: int, command: str) -> None:
     """Put back the newest usable checkpoint of ``run_dir``. A run without checkpoints yet starts at step 0; one
     whose checkpoints are all damaged is refused: starting over must be asked for, never happen silently."""
-    problems = []
-    checkpoint = latest_valid_checkpoint(run_dir, warn=problems.append)
-    for problem in problems if checkpoint is not None else ():
-        print(problem)
+    problems = []  # (checkpoint, what is wrong with it)
+    checkpoint = latest_valid_checkpoint(run_dir, report=lambda *damaged: problems.append(damaged))
+    for damaged in problems if checkpoint is not None else ():
+        warn_damaged(*damaged)
     if checkpoint is None:
         if problems:
-            found = "; ".join(p.removeprefix("warning: skipping damaged checkpoint ") for p in problems)
+            found = "; ".join(f"{c}: {p}" for c, p in problems)
             raise DifflabError(
                 f"cannot resume {run_dir}: none of its {len(problems)} checkpoint(s) is usable ({found}). Nothing was "
                 f"changed; restore a checkpoint, or start over (deleting them) with: {command} --config "

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from difflab import distributed
 from difflab.distributed import DistInfo
 from difflab.training.config import RunConfig
 
@@ -53,6 +54,10 @@ class Context:
     @property
     def main(self) -> bool:
         return self.dist.is_main
+
+    def shard(self, batch_size: int) -> slice:
+        """This process's slice of a global batch of ``batch_size`` (all of it in a single process)."""
+        return slice(*distributed.shard_range(batch_size, self.dist.rank, self.dist.world_size))
 
     def on_main(self, what: str, fn: Callable[[], Any]) -> None:
         """A side effect of the main process only (a log row, a picture, a file). It must never end a run (a full
