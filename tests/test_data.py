@@ -421,8 +421,8 @@ def test_unknown_name_and_bad_arguments(tmp_path):
     with pytest.raises(DifflabError) as e:
         load_dataset("imagenet")
     assert one_line(e) == ("unknown dataset or missing folder 'imagenet' "
-                           "(known datasets: digits, fashion-mnist, mnist, cifar10)")
-    assert dataset_names() == ["digits", "fashion-mnist", "mnist", "cifar10"]
+                           "(known datasets: digits, fashion-mnist, mnist, cifar10, shapes)")
+    assert dataset_names() == ["digits", "fashion-mnist", "mnist", "cifar10", "shapes"]
     (tmp_path / "file.png").write_bytes(b"x")
     for kwargs, match in [({"split": "val"}, "unknown split"), ({"channels": 2}, "channels"),
                           ({"image_size": 0}, "image_size"), ({"image_size": 32.0}, "image_size")]:

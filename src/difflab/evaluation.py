@@ -126,6 +126,36 @@ def evaluate(real: str, fake: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS
     return result
 
 
+def evaluate_prompts(fake: str, prompts: list[str], *, per_prompt: int = 4, seed: int = 0, device: str = "auto",
+                     progress: bool = True, guidance_scale: float | None = None, **sample_options) -> dict:
+    """Prompt adherence of a text-to-image model on the shapes dataset's prompts: ``per_prompt`` images of each
+    prompt, each checked by the rule-based checker (:mod:`difflab.metrics.adherence`) for the objects, count,
+    colours, colour attribution and position the prompt asks for. Returns per-category accuracies (JSON-able)."""
+    from difflab.data.shapes import parse_prompt
+    from difflab.metrics.adherence import score
+
+    if per_prompt < 1:
+        raise DifflabError(f"--per-prompt must be at least 1, got {per_prompt}")
+    for prompt in prompts:  # one line for a prompt the checker cannot read, before any sampling
+        parse_prompt(prompt)
+    model = load_model(fake, device=device)
+    if not model.prompts:
+        raise DifflabError(f"'{fake}' is not a text-to-image model (train one with difflab train --text-encoder)")
+    if guidance_scale is None:
+        guidance_scale = 3.0 if model.conditioner.trained_null else 1.0
+    expanded = [p for p in prompts for _ in range(per_prompt)]
+    stats: dict = {}
+    with autocast(model.device):  # under torchrun every process samples a share
+        images = generate_sharded(model, len(expanded), prompts=expanded, seed=seed, guidance_scale=guidance_scale,
+                                  progress=progress and distributed.is_main(), stats=stats, **sample_options)
+    if not distributed.is_main():
+        return {}
+    result = score(images.cpu(), expanded)
+    result.update(fake=str(fake), prompts=len(prompts), per_prompt=per_prompt, guidance_scale=guidance_scale,
+                  nfe=stats["nfe"], **{k: v for k, v in sample_options.items() if v is not None})
+    return result
+
+
 def format_table(result: dict) -> str:
     """A small human-readable table of a result dict."""
     rows = []

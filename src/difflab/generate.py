@@ -19,7 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab import distributed
-from difflab.conditioning import Cond, cond_len, cond_repeat_interleave, cond_slice, cond_to, parse_classes
+from difflab.conditioning import (
+    Cond,
+    check_prompts,
+    cond_len,
+    cond_repeat_interleave,
+    cond_slice,
+    cond_to,
+    parse_classes,
+)
 from difflab.denoisers import DenoiserFn
 from difflab.devices import autocast
 from difflab.errors import DifflabError
@@ -52,9 +60,14 @@ def sampler_options(sampler: str, options: dict) -> dict:
 
 
 def guide(model: Model, *, guidance_scale: float | None = None, guidance_rescale: float = 0.0,
-          classifier: NoisyClassifier | None = None, classifier_scale: float = 1.0) -> DenoiserFn:
+          negative_prompt: str | None = None, classifier: NoisyClassifier | None = None,
+          classifier_scale: float = 1.0) -> DenoiserFn:
     """The model's denoiser wrapped with classifier-free guidance (a conditional model, ``guidance_scale``) or
-    classifier guidance (any model and a noise-aware ``classifier``); with neither it is returned unchanged."""
+    classifier guidance (any model and a noise-aware ``classifier``); with neither it is returned unchanged. A
+    ``negative_prompt`` (text models) replaces the empty prompt in the unconditional half of guidance: the samples
+    are pushed away from it."""
+    if negative_prompt is not None and (guidance_scale is None or not model.prompts):
+        raise DifflabError("a negative prompt needs a text-to-image model and a guidance scale")
     if classifier is not None:
         have, want = classifier.input_shape, model.shape
         if have != want:
@@ -64,8 +77,8 @@ def guide(model: Model, *, guidance_scale: float | None = None, guidance_rescale
     if guidance_scale is not None:
         if model.conditioner is None:
             raise DifflabError("classifier-free guidance needs a conditional model (train it with --conditional)")
-        return classifier_free_guidance(model.denoiser, guidance_scale, null_cond=model.conditioner.null(1),
-                                        rescale=guidance_rescale)
+        null = model.conditioner.null(1) if negative_prompt is None else model.conditioner.encode([negative_prompt])
+        return classifier_free_guidance(model.denoiser, guidance_scale, null_cond=null, rescale=guidance_rescale)
     if guidance_rescale:
         raise DifflabError("guidance rescale applies only with classifier-free guidance (set a guidance scale)")
     return model.denoiser
@@ -74,17 +87,20 @@ def guide(model: Model, *, guidance_scale: float | None = None, guidance_rescale
 @torch.no_grad()
 def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
              rho: float = 7.0, seed: int = 0, batch_size: int = 256, clip: bool | None = None,
-             threshold: float | None = None, cond: Cond = None, guidance_scale: float | None = None,
-             guidance_rescale: float = 0.0, classifier: NoisyClassifier | None = None, classifier_scale: float = 1.0,
-             progress: bool = False, stats: dict | None = None, **options) -> torch.Tensor:
+             threshold: float | None = None, cond: Cond = None, prompts: list[str] | None = None,
+             guidance_scale: float | None = None, guidance_rescale: float = 0.0, negative_prompt: str | None = None,
+             classifier: NoisyClassifier | None = None, classifier_scale: float = 1.0, progress: bool = False,
+             stats: dict | None = None, **options) -> torch.Tensor:
     """Sample ``n`` images: pixels in [-1, 1], float32 (N, C, H, W), on the model's device.
 
     ``sampler``, ``steps`` and ``spacing`` default to the model's own choice (DDIM, 50 steps, uniform for a DDPM;
     Heun, 18 steps, Karras for EDM; ``ddpm`` takes all T steps); ``spacing`` picks the sigma grid (uniform,
     trailing, leading, karras with ``rho``). ``clip`` clamps the x0 estimate to [-1, 1] (default: in pixel space
     only), ``threshold`` (a percentile such as 0.995) applies dynamic thresholding instead. ``cond`` holds one
-    condition per image (class labels); with a conditional model ``guidance_scale`` turns on classifier-free
-    guidance (0 = unconditional, 1 = conditional, more = stronger; ``guidance_rescale`` in [0, 1]); a noise-aware
+    condition per image (class labels, or encoded prompts); a text-to-image model takes ``prompts`` (one per image)
+    instead, encoded once here. With a conditional model ``guidance_scale`` turns on classifier-free
+    guidance (0 = unconditional, 1 = conditional, more = stronger; ``guidance_rescale`` in [0, 1]; a text model's
+    ``negative_prompt`` takes the empty prompt's place); a noise-aware
     ``classifier`` (:func:`difflab.load_classifier`) guides any model with ``classifier_scale``. ``options`` go
     to the sampler (``eta``, ``variance``, ``churn``, ...). When ``stats`` is a dict it receives ``nfe`` (network
     evaluations per image) and ``seconds``."""
@@ -98,12 +114,20 @@ def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | N
         raise DifflabError(f"the batch size must be at least 1, got {batch_size}")
     steps = param.default_steps(sampler) if steps is None else steps
     sigmas = param.sampling_sigmas(steps, spacing, rho)
+    if prompts is not None:
+        if not model.prompts:
+            raise DifflabError("prompts need a text-to-image model (train one with --text-encoder)")
+        if cond is not None:
+            raise DifflabError("give either prompts or cond, not both")
+        cond = model.conditioner.encode(prompts)  # once: reused at every step and in both halves of guidance
+    elif cond is None and model.prompts:  # no prompt: the empty one, i.e. the unconditional model
+        cond = model.conditioner.null(n)
     if cond is not None and cond_len(cond) != n:
         raise DifflabError(f"got {cond_len(cond)} conditions for {n} images")
     if classifier is not None and cond is None:
         raise DifflabError("classifier guidance needs the classes to generate (class labels)")
-    den = guide(model, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, classifier=classifier,
-                classifier_scale=classifier_scale)
+    den = guide(model, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, negative_prompt=negative_prompt,
+                classifier=classifier, classifier_scale=classifier_scale)
     clip = model.encoder.pixel_space if clip is None else clip
     den = dynamic_threshold(den, threshold) if threshold is not None else clip_x0(den) if clip else den
     device, std = model.device, param.prior_std(float(sigmas[0]))
@@ -128,7 +152,8 @@ def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | N
     return torch.cat(out)
 
 
-def generate_sharded(model: Model, n: int, *, seed: int = 0, cond: Cond = None, **kwargs) -> torch.Tensor:
+def generate_sharded(model: Model, n: int, *, seed: int = 0, cond: Cond = None, prompts: list[str] | None = None,
+                     **kwargs) -> torch.Tensor:
     """:func:`generate` split across the processes of a torchrun job: each rank samples its shard of the ``n``
     images (image i still from seed ``seed + i``) and every rank gets all ``n``, identical to one process
     sampling them all. In a single process it is :func:`generate`."""
@@ -136,7 +161,11 @@ def generate_sharded(model: Model, n: int, *, seed: int = 0, cond: Cond = None, 
         raise DifflabError(f"the number of images must be at least 1, got {n}")
     if cond is not None and cond_len(cond) != n:
         raise DifflabError(f"cond has {cond_len(cond)} entries for {n} images")
+    if prompts is not None and len(prompts) != n:
+        raise DifflabError(f"got {len(prompts)} prompts for {n} images")
     start, stop = distributed.shard_range(n, distributed.rank(), distributed.world_size())
+    if prompts is not None:
+        kwargs["prompts"] = prompts[start:stop]
     if stop > start:
         local = generate(model, stop - start, seed=seed + start, cond=cond_slice(cond, start, stop), **kwargs)
     else:  # more processes than images: this one contributes nothing but must join the gather
@@ -144,19 +173,27 @@ def generate_sharded(model: Model, n: int, *, seed: int = 0, cond: Cond = None, 
     return distributed.gather_shards(local, n)
 
 
-def sample(model: Model | str | Path, n: int = 16, *, classes: str | int | list | None = None, output: str = "tensor",
-           device: str | torch.device = "auto", **kwargs):
+def sample(model: Model | str | Path, n: int = 16, *, classes: str | int | list | None = None,
+           prompts: str | list[str] | None = None, output: str = "tensor", device: str | torch.device = "auto",
+           **kwargs):
     """Generate ``n`` images from a :class:`~difflab.models.Model` or a run/checkpoint path.
 
     With ``classes`` (an index, a name, a list of them, or "all") it generates ``n`` images of each class,
     class by class, e.g. ``sample(model, 8, classes="all", guidance_scale=3.0)``; for an unconditional model
-    pass a ``classifier`` too. Returns a float tensor (N, C, H, W) in [0, 1] (``output="tensor"``) or a list
+    pass a ``classifier`` too. A text-to-image model takes ``prompts`` (a prompt or a list) and makes ``n`` images
+    of each, e.g. ``sample(model, 4, prompts=["a red circle"], guidance_scale=5, negative_prompt="a blue square")``.
+    Returns a float tensor (N, C, H, W) in [0, 1] (``output="tensor"``) or a list
     of PIL images (``output="pil"``). Other keyword arguments as in :func:`generate` (sampler, steps, seed, ...);
     on a GPU the network runs under bf16 autocast."""
     if output not in ("tensor", "pil"):
         raise DifflabError(f"output must be 'tensor' or 'pil', got '{output}'")
     if not isinstance(model, Model):
         model = load_model(model, device=device)
+    if prompts is not None:
+        if classes is not None:
+            raise DifflabError("give either classes or prompts, not both")
+        kwargs["prompts"] = [p for p in check_prompts(prompts) for _ in range(n)]
+        n = len(kwargs["prompts"])
     if classes is not None:
         clf = kwargs.get("classifier")
         if clf is None and model.conditioner is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from difflab.conditioning import ClassConditioner, conditioner_from_config
+from difflab.conditioning import ClassConditioner, TextConditioner, conditioner_from_config
 from difflab.denoisers import Denoiser, Parameterization, parameterization_from_config
 from difflab.devices import resolve_device
 from difflab.encoders import LatentEncoder, PixelEncoder, encoder_from_config
@@ -50,7 +50,7 @@ class Model:
 
     denoiser: Denoiser
     encoder: PixelEncoder | LatentEncoder
-    conditioner: ClassConditioner | None
+    conditioner: ClassConditioner | TextConditioner | None
     config: dict
     checkpoint: Path | None = None
 
@@ -82,9 +82,16 @@ class Model:
     def num_classes(self) -> int | None:
         return self.conditioner.num_classes if isinstance(self.conditioner, ClassConditioner) else None
 
+    @property
+    def prompts(self) -> bool:
+        """Whether it is a text-to-image model (conditioned on prompts)."""
+        return isinstance(self.conditioner, TextConditioner)
+
     def to(self, device: torch.device | str) -> Model:
         self.denoiser.to(device)
         self.encoder.to(device)
+        if isinstance(self.conditioner, TextConditioner):
+            self.conditioner.to(device)
         return self
 
 
@@ -155,7 +162,8 @@ class NoisyClassifier(nn.Module):
 
 
 def model_config(unet: UNetConfig, *, parameterization: Parameterization, data: dict,
-                 encoder: PixelEncoder | LatentEncoder | None = None, conditioner: ClassConditioner | None = None) -> dict:
+                 encoder: PixelEncoder | LatentEncoder | None = None,
+                 conditioner: ClassConditioner | TextConditioner | None = None) -> dict:
     """The JSON that rebuilds a diffusion model (config.json of its checkpoints). ``data``: name, channels,
     image_size of the images it generates."""
     return {"format": MODEL_FORMAT, "unet": dataclasses.asdict(unet), "parameterization": parameterization.config(),
@@ -216,7 +224,7 @@ def build(config: dict) -> Model | NoisyClassifier | TrainedAutoencoder:
             return NoisyClassifier(net, parameterization, config["class_names"])
         denoiser = Denoiser(UNet(unet), parameterization)
         return Model(denoiser, encoder_from_config(config.get("encoder")),
-                     conditioner_from_config(config.get("conditioner")), config)
+                     conditioner_from_config(config.get("conditioner"), denoiser.net), config)
     except (KeyError, TypeError, AttributeError) as e:
         raise DifflabError(f"model config is incomplete or has unknown fields: {e}") from None
 

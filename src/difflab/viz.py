@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from difflab.data import from_model_range
 
@@ -19,27 +19,65 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
 
 
-def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, min_cell: int = 64) -> Image.Image:
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, min_cell: int = 64,
+              captions: list[str] | None = None) -> Image.Image:
     """Tile images in [-1, 1] into one picture; tiny images (e.g. 8x8 digits) are enlarged (nearest
-    neighbour) so each cell is at least ``min_cell`` pixels wide."""
+    neighbour) so each cell is at least ``min_cell`` pixels wide. ``captions`` (one per image, e.g. the prompts of
+    a text-to-image grid) are written under the cells, wrapped to the cell width."""
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     ncol = math.ceil(n / nrow)
-    scale = max(1, math.ceil(min_cell / max(h, w)))
+    scale = max(1, math.ceil((min_cell if captions is None else max(min_cell, 96)) / max(h, w)))
     cells = from_model_range(images.detach().cpu()).permute(0, 2, 3, 1).numpy()
     cells = cells.repeat(scale, axis=1).repeat(scale, axis=2)
     H, W = h * scale, w * scale
-    grid = np.full((ncol * (H + pad) + pad, nrow * (W + pad) + pad, c), 255, dtype=np.uint8)
+    font, lines, band = None, [], 0
+    if captions is not None:
+        font = ImageFont.load_default()
+        lines = [_wrap(str(t), font, W) for t in captions]
+        band = 2 + _line_height(font) * max((len(x) for x in lines), default=0)
+    grid = np.full((ncol * (H + band + pad) + pad, nrow * (W + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
         r, q = divmod(i, nrow)
-        grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + q * (W + pad): pad + q * (W + pad) + W] = cells[i]
-    return Image.fromarray(grid[..., 0] if c == 1 else grid)
+        top, left = pad + r * (H + band + pad), pad + q * (W + pad)
+        grid[top: top + H, left: left + W] = cells[i]
+    picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    if captions is not None:
+        draw = ImageDraw.Draw(picture)
+        for i, text in enumerate(lines):
+            r, q = divmod(i, nrow)
+            top, left = pad + r * (H + band + pad) + H + 1, pad + q * (W + pad)
+            for k, line in enumerate(text):
+                draw.text((left, top + k * _line_height(font)), line, fill=0, font=font)
+    return picture
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+def _line_height(font) -> int:
+    box = font.getbbox("Ag")
+    return box[3] - box[1] + 3
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` to lines no wider than ``width`` pixels (a too-long word is cut)."""
+    lines, line = [], ""
+    for word in text.split() or [""]:
+        trial = f"{line} {word}".strip()
+        if font.getlength(trial) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+        while font.getlength(line) > width and len(line) > 1:  # a single word wider than the cell
+            line = line[:-1]
+    lines.append(line)
+    return lines
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
+              captions: list[str] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, nrow).save(path)
+    make_grid(images, nrow, captions=captions).save(path)
     return path
 
 

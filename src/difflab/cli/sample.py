@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from difflab import distributed
-from difflab.conditioning import cond_len, cond_repeat_interleave, parse_classes
+from difflab.conditioning import cond_len, cond_repeat_interleave, parse_classes, read_prompts
 from difflab.devices import autocast
 from difflab.errors import DifflabError
 from difflab.generate import generate_sharded
@@ -31,6 +31,10 @@ class-conditional models (difflab train --conditional) and guidance:
   difflab sample runs/digits-cond --class 3 --guidance-scale 3.0 -n 16
   difflab sample runs/fashion-mnist --class sandal,bag --guidance-scale 5 --guidance-rescale 0.7
   difflab sample runs/digits --classifier runs/digits-classifier --class all --classifier-scale 2
+text-to-image models (difflab train --text-encoder ...):
+  difflab sample runs/shapes                               # the training grid's prompts, one row each, guidance 3
+  difflab sample runs/shapes --prompt "a red circle to the left of a blue square" --guidance-scale 5 -n 8
+  difflab sample runs/shapes --prompts prompts.txt --negative-prompt "a green square" --sampler dpmpp_2m --steps 20
 guidance scale w: 0 = unconditional, 1 = conditional, >1 trades diversity for fidelity.
 
 DDIM with eta = 0 is deterministic (Euler on the probability-flow ODE); eta = 1 is DDPM's ancestral step.
@@ -64,6 +68,11 @@ def add_parser(sub) -> None:
     guidance.add_argument("--class", dest="classes", metavar="CLASS",
                           help="class index or name, a comma list, or 'all' (default for a class-conditional model: all, "
                                "one row per class)")
+    guidance.add_argument("--prompt", action="append", dest="prompt_list", metavar="TEXT",
+                          help="text-to-image: a prompt (repeat the flag for several; one grid row each)")
+    guidance.add_argument("--prompts", metavar="FILE", help="text-to-image: a file with one prompt per line")
+    guidance.add_argument("--negative-prompt", metavar="TEXT", help="text-to-image: what to steer away from: it "
+                          "replaces the empty prompt in the unconditional half of guidance")
     guidance.add_argument("--guidance-scale", type=float, default=None, metavar="W",
                           help="classifier-free guidance scale: 0 = unconditional, 1 = conditional, >1 = stronger "
                                "(default for a class-conditional model: 3)")
@@ -115,9 +124,13 @@ def run_sample(args: argparse.Namespace) -> int:
         num = args.num if args.num is not None else (8 if cond is not None else 64)
         if num < 1:
             raise DifflabError(f"-n must be at least 1, got {num}")
-        per_row = None
-        if cond is not None:
-            cond, per_row = cond_repeat_interleave(cond, num), num  # one row per class
+        per_row, given, captions = None, {}, None
+        if isinstance(cond, list):  # prompts: one row per prompt, the prompt written under each image
+            captions = [p for p in cond for _ in range(num)]
+            given, per_row = {"prompts": captions}, num
+        elif cond is not None:
+            given, per_row = {"cond": cond_repeat_interleave(cond, num)}, num  # one row per class
+        total = len(captions) if captions else cond_len(given.get("cond")) or num
         param, stats = model.parameterization, {}
         out = Path(args.out) if args.out else _run_folder(model) / "generated"
         # before the sampling, which can take hours, not after it (rank 0 writes; every rank learns of a failure)
@@ -126,10 +139,10 @@ def run_sample(args: argparse.Namespace) -> int:
         sampler = args.sampler or param.default_sampler
         steps = args.steps if args.steps is not None else param.default_steps(sampler)
         with autocast(model.device):
-            images = generate_sharded(model, cond_len(cond) or num, sampler=sampler, steps=steps, spacing=args.spacing,
+            images = generate_sharded(model, total, sampler=sampler, steps=steps, spacing=args.spacing,
                                       rho=args.rho, seed=args.seed, batch_size=args.batch_size,
                                       clip=False if args.no_clip else None, threshold=args.threshold,
-                                      progress=not args.quiet and info.is_main, stats=stats, cond=cond, **guidance,
+                                      progress=not args.quiet and info.is_main, stats=stats, **given, **guidance,
                                       **options)
         if not info.is_main:
             return 0
@@ -137,11 +150,12 @@ def run_sample(args: argparse.Namespace) -> int:
                   "threshold": args.threshold, "weights": args.weights if args.weights != "ema" else None,
                   "noclip": True if args.no_clip else None,
                   "class": args.classes.replace(",", "+").replace("/", "-").replace(" ", "") if args.classes else None,
+                  "prompts": _slug(cond) if captions else None, "neg": "yes" if args.negative_prompt else None,
                   "cfg": guidance.get("guidance_scale"), "rescale": guidance.get("guidance_rescale") or None,
                   "clf": guidance.get("classifier_scale"), **options}
         tag = f"{sampler}_{steps}steps_seed{args.seed}" + "".join(
             f"_{k}{'' if v is True else v}" for k, v in extras.items() if v is not None)
-        written = _write(images, out, tag, per_row, args)
+        written = _write(images, out, tag, per_row, args, captions)
         seconds = stats["seconds"]
         print(f"{len(images)} images, {stats['nfe']} network evaluations (NFE) each, {seconds:.1f} s "
               f"({seconds / len(images) * 1000:.1f} ms/image) -> " + ", ".join(str(w) for w in written))
@@ -164,21 +178,50 @@ def _check_writable(folder: Path, hint: str) -> None:
         raise DifflabError(f"cannot write images to '{folder}': {e.strerror}{hint}") from None
 
 
-def _write(images: torch.Tensor, out: Path, tag: str, per_row: int | None, args: argparse.Namespace) -> list[Path]:
-    """The grid (one row per class when classes were sampled) and, with --individual, one PNG per image."""
+def _slug(prompts: list[str]) -> str:
+    """A short file-name tag for a list of prompts (the first one's words, and how many there are)."""
+    words = "-".join("".join(ch for ch in w if ch.isalnum()) for w in prompts[0].split()[:6]).strip("-") or "empty"
+    return words + (f"+{len(prompts) - 1}more" if len(prompts) > 1 else "")
+
+
+def _write(images: torch.Tensor, out: Path, tag: str, per_row: int | None, args: argparse.Namespace,
+           captions: list[str] | None = None) -> list[Path]:
+    """The grid (one row per class or prompt) and, with --individual, one PNG per image (and, for prompts, a
+    prompts.txt naming each file's prompt)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if args.grid:
-        written.append(save_grid(images, out / f"{tag}.png", nrow=per_row))
+        written.append(save_grid(images, out / f"{tag}.png", nrow=per_row, captions=captions))
     if args.individual:
         for i, img in enumerate(to_pil(images)):
             img.save(out / f"{tag}_{i:05d}.png")
         written.append(out / f"{tag}_*.png")
+        if captions:
+            (out / f"{tag}_prompts.txt").write_text("".join(f"{tag}_{i:05d}.png\t{p}\n" for i, p in enumerate(captions)),
+                                                   encoding="utf-8")
     return written
 
 
-def _guidance_options(args: argparse.Namespace, model: Model) -> tuple[dict, torch.Tensor | None]:
-    """(generate() guidance keywords, the classes to sample or None) from the sample flags."""
+def _guidance_options(args: argparse.Namespace, model: Model) -> tuple[dict, torch.Tensor | list[str] | None]:
+    """(generate() guidance keywords, the classes or prompts to sample, or None) from the sample flags."""
+    prompts = list(args.prompt_list or []) + (read_prompts(args.prompts) if args.prompts else [])
+    if model.prompts:
+        if args.classes is not None or args.classifier:
+            raise DifflabError("this is a text-to-image model: give --prompt or --prompts instead of --class/--classifier")
+        prompts = prompts or model.conditioner.prompts
+        if not prompts:
+            raise DifflabError("give a --prompt (this model records no default prompts)")
+        trained_null = model.conditioner.trained_null
+        scale = args.guidance_scale if args.guidance_scale is not None else (3.0 if trained_null else 1.0)
+        if scale != 1.0 and not trained_null:
+            print("warning: this model was trained without caption dropout, so the empty prompt is untrained; guidance "
+                  "scales other than 1 extrapolate from noise", file=sys.stderr)
+        return {"guidance_scale": scale, "guidance_rescale": args.guidance_rescale,
+                "negative_prompt": args.negative_prompt}, prompts
+    if prompts or args.negative_prompt is not None:
+        raise DifflabError("--prompt, --prompts and --negative-prompt need a text-to-image model (difflab train "
+                           "--text-encoder); this one is " + ("class-conditional: use --class" if model.conditioner
+                                                               else "unconditional"))
     classes = "all" if args.classes is None else args.classes
     if args.classifier:
         if args.guidance_scale is not None or args.guidance_rescale:

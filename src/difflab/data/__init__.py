@@ -52,12 +52,15 @@ class ImageData:
     class_names: list[str] | None
     name: str  # "digits", "fashion-mnist", "mnist", "cifar10" or "folder:<absolute path>"
     skipped: int = 0  # image files of a folder that could not be decoded and were left out
+    captions: list[list[str]] | None = None  # per image, one or more captions (captioned folders, shapes)
 
     def __post_init__(self) -> None:
         assert self.images.dtype == torch.uint8 and self.images.ndim == 4, "images must be uint8 (N, C, H, W)"
         if self.labels is not None:
             assert self.labels.dtype == torch.int64 and self.labels.shape == self.images.shape[:1]
             assert self.class_names is not None and bool((self.labels < len(self.class_names)).all())
+        if self.captions is not None:
+            assert len(self.captions) == len(self.images) and all(self.captions), "every image needs a caption"
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -115,7 +118,7 @@ CIFAR_SUBFOLDERS = ["cifar10", "cifar-10"]
 
 def dataset_names() -> list[str]:
     """Names :func:`load_dataset` knows besides folder paths."""
-    return ["digits", "fashion-mnist", "mnist", "cifar10"]
+    return ["digits", "fashion-mnist", "mnist", "cifar10", "shapes"]
 
 
 def _search_dirs(name: str, data_dir: str | None, subfolders: list[str], system: list[str]) -> list[Path]:
@@ -238,6 +241,10 @@ def load_dataset(name_or_path: str, *, image_size: int | None = None, channels: 
     key = str(name_or_path).strip().lower().replace("_", "-")
     key = {"cifar-10": "cifar10", "fashionmnist": "fashion-mnist"}.get(key, key)
     if key in dataset_names():
+        if key == "shapes":  # procedural, captioned (difflab.data.shapes)
+            from difflab.data.shapes import load_shapes
+
+            return load_shapes(split=split, image_size=image_size or 32, channels=channels or 3)
         if key == "digits":
             images, labels, class_names = _load_digits(split)
         elif key == "cifar10":
@@ -249,10 +256,10 @@ def load_dataset(name_or_path: str, *, image_size: int | None = None, channels: 
 
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
-        images, labels, class_names, skipped = load_image_folder(
+        images, labels, class_names, skipped, captions = load_image_folder(
             folder, image_size=image_size, channels=channels or 3, progress=progress)
         return ImageData(torch.from_numpy(images), None if labels is None else torch.from_numpy(labels),
-                         class_names, f"folder:{folder.resolve()}", skipped)
+                         class_names, f"folder:{folder.resolve()}", skipped, captions)
     known = ", ".join(dataset_names())
     if folder.exists():
         raise DifflabError(f"'{name_or_path}' is a file, not a folder of images; pass a folder or a dataset "

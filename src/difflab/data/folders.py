@@ -1,5 +1,5 @@
 """Images as pixels: decoding files, converting between grayscale and RGB, resizing to a square, and
-loading a whole folder of images.
+loading a whole folder of images (with its class subfolders and captions, :mod:`difflab.data.captions`).
 
 Every image, whether decoded from a file or taken from an in-memory dataset, goes through the same
 :func:`fit_image`: convert to ``L`` (1 channel) or ``RGB`` (3 channels), then take the largest centred
@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from difflab.data.captions import read_folder_captions
 from difflab.errors import DifflabError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -108,12 +109,14 @@ def default_size(files: list[Path], pool: ThreadPoolExecutor) -> int:
 
 
 def load_image_folder(folder: Path, *, image_size: int | None, channels: int, progress: bool
-                      ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None, int]:
+                      ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None, int, list[list[str]] | None]:
     """Decode every image under ``folder``. Returns images uint8 (N, C, H, W), labels int64 (N,) or
-    None, class names or None, and how many files were skipped because they could not be decoded.
+    None, class names or None, how many files were skipped because they could not be decoded, and each
+    loaded image's captions or None (see :mod:`difflab.data.captions`).
 
     Labels come from the first level of subfolders when there are at least two of them and every image
-    lies inside one; class ``i`` is the ``i``-th subfolder name in sorted order.
+    lies inside one; class ``i`` is the ``i``-th subfolder name in sorted order. Captions are read before
+    any image is decoded, so a caption mistake shows at once; those of undecodable images are dropped.
     """
     files = find_images(folder)
     if not files:
@@ -122,6 +125,7 @@ def load_image_folder(folder: Path, *, image_size: int | None, channels: int, pr
     relative = [f.relative_to(folder) for f in files]
     subfolders = sorted({r.parts[0] for r in relative if len(r.parts) > 1})
     class_names = subfolders if len(subfolders) >= 2 and all(len(r.parts) > 1 for r in relative) else None
+    captions = read_folder_captions(folder, files)
 
     with ThreadPoolExecutor(max_workers=min(MAX_WORKERS, os.cpu_count() or 1)) as pool:
         size = image_size if image_size is not None else default_size(files, pool)
@@ -142,4 +146,6 @@ def load_image_folder(folder: Path, *, image_size: int | None, channels: int, pr
     if class_names is not None:
         index = {name: i for i, name in enumerate(class_names)}
         labels = np.array([index[relative[i].parts[0]] for i in good], dtype=np.int64)
-    return images, labels, class_names, len(bad)
+    if captions is not None:
+        captions = [captions[i] for i in good]
+    return images, labels, class_names, len(bad), captions

@@ -135,3 +135,97 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (N, C, 2H, 2W)
         return self.conv(x)  # (N, C, 2H, 2W)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cross-attention: the LDM "spatial transformer" (Rombach et al. 2022, §3.3 and Appendix; tutorial §6).
+#
+#     Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V,   Q = W_Q phi(z_t),   K = W_K tau(y),   V = W_V tau(y)
+#
+# phi(z_t) are the image positions of a feature map, tau(y) the token vectors of the prompt (context): every
+# image position attends to every real (unpadded) token. The block wraps self-attention -> cross-attention ->
+# gated feed-forward, each pre-LayerNorm with a residual, between a projection in and a zero-initialised
+# projection out, so at initialisation the whole block is the identity on its skip path.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention of queries ``(N, Lq, C)`` over keys/values ``(N, Lk, C_kv)``: self-attention when no
+    context is given, cross-attention otherwise. ``mask`` (N, Lk) bool marks the keys that may be attended to
+    (True = a real token); an example whose mask is all False gets a zero output instead of softmax's NaN."""
+
+    def __init__(self, channels: int, *, num_heads: int, context_dim: int | None = None):
+        super().__init__()
+        assert channels % num_heads == 0, f"{num_heads} heads do not divide {channels} channels"
+        self.num_heads = num_heads
+        self.q = nn.Linear(channels, channels, bias=False)
+        self.kv = nn.Linear(context_dim or channels, 2 * channels, bias=False)
+        self.out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        n, length, c = x.shape
+        heads, d = self.num_heads, c // self.num_heads
+        context = x if context is None else context
+        q = self.q(x).unflatten(-1, (heads, d)).transpose(1, 2)  # (N, heads, Lq, d)
+        k, v = self.kv(context).unflatten(-1, (2, heads, d)).permute(2, 0, 3, 1, 4).unbind(0)  # (N, heads, Lk, d)
+        attn_mask, empty = None, None
+        if mask is not None:
+            empty = ~mask.any(dim=1)  # (N,)  no real token at all
+            attn_mask = (mask | empty[:, None])[:, None, None, :]  # (N, 1, 1, Lk)  broadcast over heads, queries
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, heads, Lq, d)
+        out = self.out(out.transpose(1, 2).flatten(2))  # (N, Lq, C)
+        if empty is not None:
+            out = out.masked_fill(empty[:, None, None], 0.0)
+        return out
+
+
+class GEGLU(nn.Module):
+    """The gated feed-forward of the LDM transformer (Shazeer 2020, "GLU Variants Improve Transformer"):
+    ``W_2 (x W_a * GELU(x W_g))`` with an inner width of ``mult * channels``."""
+
+    def __init__(self, channels: int, mult: int = 4):
+        super().__init__()
+        self.proj = nn.Linear(channels, 2 * mult * channels)
+        self.out = nn.Linear(mult * channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)  # (N, L, mult C) each
+        return self.out(value * F.gelu(gate))  # (N, L, C)
+
+
+class TransformerBlock(nn.Module):
+    """``h += SelfAttn(LN(h)); h += CrossAttn(LN(h), context); h += GEGLU(LN(h))`` on the tokens of a feature map."""
+
+    def __init__(self, channels: int, *, num_heads: int, context_dim: int):
+        super().__init__()
+        self.norm1, self.attn1 = nn.LayerNorm(channels), MultiHeadAttention(channels, num_heads=num_heads)
+        self.norm2 = nn.LayerNorm(channels)
+        self.attn2 = MultiHeadAttention(channels, num_heads=num_heads, context_dim=context_dim)
+        self.norm3, self.ff = nn.LayerNorm(channels), GEGLU(channels)
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = h + self.attn1(self.norm1(h))  # (N, HW, C)  image positions attend to each other
+        h = h + self.attn2(self.norm2(h), context, mask)  # (N, HW, C)  ... and to the prompt's real tokens
+        return h + self.ff(self.norm3(h))  # (N, HW, C)
+
+
+class SpatialTransformer(nn.Module):
+    """The LDM spatial transformer: GroupNorm, a projection in, ``depth`` :class:`TransformerBlock` s over the H*W
+    positions with cross-attention to ``context`` (N, L, context_dim), and a zero-initialised projection out with a
+    residual -- the identity at initialisation. ``forward(x, context, mask) -> (N, C, H, W)``."""
+
+    def __init__(self, channels: int, *, num_heads: int, groups: int, context_dim: int, depth: int = 1):
+        super().__init__()
+        self.norm = group_norm(channels, groups)
+        self.proj_in = nn.Linear(channels, channels)
+        self.blocks = nn.ModuleList(TransformerBlock(channels, num_heads=num_heads, context_dim=context_dim)
+                                    for _ in range(depth))
+        self.proj_out = zero_(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, c, height, width = x.shape
+        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (N, HW, C)
+        for block in self.blocks:
+            h = block(h, context, mask)  # (N, HW, C)
+        return x + self.proj_out(h).transpose(1, 2).reshape(n, c, height, width)  # (N, C, H, W)

@@ -5,7 +5,10 @@
                               --> [up: (num_blocks + 1) x (concat skip, ResBlock [+ Attention]), Upsample] x levels
                               --> GroupNorm, SiLU, conv_out (zero-init) --> (N, out_channels, H, W)
 
-Every ResBlock sees the embedding ``MLP(sinusoid(c_noise)) [+ class_embedding(cond)]``. The network owns
+Every ResBlock sees the embedding ``MLP(sinusoid(c_noise)) [+ class_embedding(cond)]``. A text-conditional U-Net
+(``context_dim`` set; tutorial §6, LDM §3.3) has a spatial transformer in every attention slot instead: self-attention,
+then cross-attention from the image positions to the prompt's token vectors (padding masked), then a GEGLU
+feed-forward (``layers.SpatialTransformer``). The network owns
 parameters only: it knows nothing about noise schedules or what its output means (eps, x0, v or EDM's F);
 that is the parameterization's job (``difflab.denoisers``). A checkpoint is its weights plus
 ``dataclasses.asdict(config)`` as JSON, which rebuilds it with ``UNet(UNetConfig(**json.load(f)))``.
@@ -18,13 +21,23 @@ an eps-predicting denoiser starts as "predict no noise" (D(x) = x), and training
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from difflab.errors import DifflabError
-from difflab.nn.layers import Attention, Downsample, ResBlock, Upsample, group_norm, timestep_embedding, zero_
+from difflab.nn.layers import (
+    Attention,
+    Downsample,
+    ResBlock,
+    SpatialTransformer,
+    Upsample,
+    group_norm,
+    timestep_embedding,
+    zero_,
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,12 @@ class UNetConfig:
     num_classes: int | None = None       # class-conditional when set: embedding rows 0..num_classes-1 + a "null" row
     groups: int = 32                     # GroupNorm groups (clamped to gcd(groups, channels))
     scale_shift: bool = True             # FiLM time conditioning (ADM); False = DDPM's additive embedding
+    context_dim: int | None = None       # text-conditional when set: the width of the prompt's token vectors; every
+                                         # attention block (attn_resolutions and the middle) becomes a spatial
+                                         # transformer with cross-attention to them (LDM)
+    transformer_depth: int = 1           # transformer blocks per spatial transformer
+    text_encoder: dict | None = None     # a from-scratch text encoder trained with the U-Net (difflab.nn.text config);
+                                         # its weights are part of the U-Net's (keys text_encoder.*)
 
     def __post_init__(self) -> None:
         for name in ("channel_mult", "attn_resolutions"):
@@ -76,6 +95,17 @@ def _validate(c: UNetConfig) -> None:
             raise DifflabError(f"U-Net {name} must be a positive integer, got {value!r}")
     if not c.channel_mult or any(not isinstance(m, int) or m < 1 for m in c.channel_mult):
         raise DifflabError(f"U-Net channel_mult must be a non-empty list of positive integers, got {list(c.channel_mult)}")
+    if c.context_dim is not None and (not isinstance(c.context_dim, int) or isinstance(c.context_dim, bool)
+                                      or c.context_dim < 1):
+        raise DifflabError(f"U-Net context_dim must be a positive integer, got {c.context_dim!r}")
+    if not isinstance(c.transformer_depth, int) or isinstance(c.transformer_depth, bool) or c.transformer_depth < 1:
+        raise DifflabError(f"U-Net transformer_depth must be a positive integer, got {c.transformer_depth!r}")
+    if c.text_encoder is not None:
+        if not isinstance(c.text_encoder, dict) or c.context_dim is None:
+            raise DifflabError("a U-Net text_encoder needs a config dict and context_dim set to the encoder's width")
+        if c.text_encoder.get("width") != c.context_dim:
+            raise DifflabError(f"the U-Net's context_dim {c.context_dim} differs from its text encoder's width "
+                               f"{c.text_encoder.get('width')}")
     if not 0.0 <= c.dropout < 1.0:
         raise DifflabError(f"U-Net dropout must be in [0, 1), got {c.dropout}")
     factor = c.downsampling_factor
@@ -129,6 +159,11 @@ def unet_config(preset: str, *, image_size: int, in_channels: int, **overrides) 
     return UNetConfig(image_size=image_size, in_channels=in_channels, **kwargs)
 
 
+def attend(attn: nn.Module, h: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Run one attention slot: a spatial transformer takes the context (tokens, mask), the others only ``h``."""
+    return attn(h, *context) if isinstance(attn, SpatialTransformer) else attn(h)
+
+
 class Level(nn.Module):
     """The blocks at one resolution: ResBlocks, each followed by Attention or Identity, then an optional
     resampling layer. A container only: :meth:`UNet.forward` walks it, because skip connections are pushed
@@ -152,13 +187,20 @@ class ContractingPath(nn.Module):
         self.config = c = config
         self.emb_dim = emb_dim = 4 * c.base_channels
         self.block_kwargs = block = dict(emb_dim=emb_dim, dropout=c.dropout, groups=c.groups, scale_shift=c.scale_shift)
-        self.attn_kwargs = attn = dict(num_heads=c.num_heads, groups=c.groups)
+        self.attn_kwargs = dict(num_heads=c.num_heads, groups=c.groups)
         widths = [c.base_channels * m for m in c.channel_mult]
         use_attn = [r in c.attn_resolutions for r in c.resolutions]
 
         # Timestep (and class) embedding: sinusoid of width base_channels, then an MLP to 4 * base_channels.
         self.time_mlp = nn.Sequential(nn.Linear(c.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes is not None else None
+        # Text: the prompt's token vectors, normalised once, are the context every spatial transformer attends to.
+        self.context_norm = nn.LayerNorm(c.context_dim) if c.context_dim is not None else None
+        self.text_encoder = None
+        if c.text_encoder is not None:
+            from difflab.nn.text import text_encoder_from_config  # the from-scratch encoder, trained with the U-Net
+
+            self.text_encoder = text_encoder_from_config(c.text_encoder)
 
         self.conv_in = nn.Conv2d(c.in_channels, c.base_channels, 3, padding=1)
         self.skip_channels = skips = [c.base_channels]  # channels of every tensor pushed for the up path
@@ -168,7 +210,7 @@ class ContractingPath(nn.Module):
             blocks, attns = [], []
             for _ in range(c.num_blocks):
                 blocks.append(ResBlock(ch, width, **block))
-                attns.append(Attention(width, **attn) if use_attn[i] else nn.Identity())
+                attns.append(self.attention(width) if use_attn[i] else nn.Identity())
                 ch = width
                 skips.append(ch)
             last = i == len(widths) - 1
@@ -177,9 +219,41 @@ class ContractingPath(nn.Module):
                 skips.append(ch)
 
         self.mid_block1 = ResBlock(ch, ch, **block)
-        self.mid_attn = Attention(ch, **attn)
+        self.mid_attn = self.attention(ch)
         self.mid_block2 = ResBlock(ch, ch, **block)
         self.bottom_channels = ch
+
+    def attention(self, channels: int) -> nn.Module:
+        """The attention block at one position: self-attention, or a spatial transformer for a text model."""
+        c = self.config
+        if c.context_dim is None:
+            return Attention(channels, **self.attn_kwargs)
+        return SpatialTransformer(channels, **self.attn_kwargs, context_dim=c.context_dim, depth=c.transformer_depth)
+
+    def context(self, cond, n: int) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Split ``cond`` into class labels (N,) and the cross-attention context (tokens (N, L, D), mask (N, L)).
+
+        A text cond is a mapping with ``tokens`` (the encoder's output) and ``mask``, or -- for a U-Net that owns a
+        from-scratch text encoder -- ``ids`` and ``mask`` that it encodes itself (training, where the encoder learns)."""
+        c = self.config
+        if not isinstance(cond, Mapping):
+            if c.context_dim is not None:
+                raise DifflabError("this U-Net is text-conditional: it needs a prompt's tokens and mask as its condition "
+                                   "(the empty prompt's for unconditional sampling)")
+            return cond, None
+        if c.context_dim is None:
+            raise DifflabError("a text condition was given to a U-Net without cross-attention (set context_dim)")
+        mask = cond["mask"]
+        if "tokens" in cond:
+            tokens = cond["tokens"]
+        elif self.text_encoder is not None:
+            tokens = self.text_encoder(cond["ids"], mask).tokens
+        else:
+            raise DifflabError("a text condition needs the prompt's token vectors ('tokens')")
+        if tokens.shape[0] != n or tokens.shape[-1] != c.context_dim or mask.shape != tokens.shape[:2]:
+            raise DifflabError(f"text condition of shape {tuple(tokens.shape)} (mask {tuple(mask.shape)}) does not fit "
+                               f"{n} images and the U-Net's context width {c.context_dim}")
+        return cond.get("labels"), (self.context_norm(tokens), mask.bool())  # (N, L, D), (N, L)
 
     def embed(self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """Check the input and return the (N, 4 * base_channels) embedding of the noise level [+ class]."""
@@ -198,20 +272,20 @@ class ContractingPath(nn.Module):
             raise DifflabError("a condition was given to an unconditional U-Net (set num_classes in its config)")
         return emb
 
-    def contract(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def contract(self, x: torch.Tensor, emb: torch.Tensor, context=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Down path and middle: the bottom feature map and the skip tensors the up path consumes."""
         h = self.conv_in(x)  # (N, base, H, W)
         hs = [h]
         for level in self.down:
             for block, attn in zip(level.blocks, level.attns):
-                h = attn(block(h, emb))  # (N, width, H_i, W_i)
+                h = attend(attn, block(h, emb), context)  # (N, width, H_i, W_i)
                 hs.append(h)
             if level.resample is not None:
                 h = level.resample(h)  # (N, width, H_i / 2, W_i / 2)
                 hs.append(h)
 
         h = self.mid_block1(h, emb)  # (N, ch, H / f, W / f)
-        h = self.mid_attn(h)  # (N, ch, H / f, W / f)
+        h = attend(self.mid_attn, h, context)  # (N, ch, H / f, W / f)
         h = self.mid_block2(h, emb)  # (N, ch, H / f, W / f)
         return h, hs
 
@@ -221,7 +295,8 @@ class UNet(ContractingPath):
 
     ``c_noise`` is the noise level as the parameterization presents it (:mod:`difflab.denoisers`): a float
     tensor (N,) or a scalar -- the (possibly non-integer) DDPM timestep for VP models, ln(sigma) / 4 for EDM.
-    ``cond`` is what the model is conditioned on (:mod:`difflab.conditioning`): class labels (N,) long, or None;
+    ``cond`` is what the model is conditioned on (:mod:`difflab.conditioning`): class labels (N,) long, a text
+    condition ``{"tokens": (N, L, D), "mask": (N, L)}`` for a text model (see :meth:`context`), or None;
     with ``num_classes`` set, None (or the label ``num_classes``) means the learned null class that
     classifier-free guidance uses; the labels become a class embedding added to the noise-level embedding.
     See the module doc for the layout and the zero-initialisation.
@@ -238,7 +313,7 @@ class UNet(ContractingPath):
             blocks, attns = [], []
             for _ in range(c.num_blocks + 1):  # one more than down: the downsample's output is a skip too
                 blocks.append(ResBlock(ch + skips.pop(), width, **self.block_kwargs))
-                attns.append(Attention(width, **self.attn_kwargs) if use_attn[i] else nn.Identity())
+                attns.append(self.attention(width) if use_attn[i] else nn.Identity())
                 ch = width
             self.up.append(Level(blocks, attns, Upsample(ch) if i > 0 else None))
         assert not skips, "every skip connection must be consumed"
@@ -247,12 +322,13 @@ class UNet(ContractingPath):
         # Zero: the untrained network outputs exactly 0 (see the module doc).
         self.conv_out = zero_(nn.Conv2d(ch, c.out_channels or c.in_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(x, c_noise, cond)  # (N, E)
-        h, hs = self.contract(x, emb)  # (N, ch, H / f, W / f) and the skips
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond=None) -> torch.Tensor:
+        labels, context = self.context(cond, x.shape[0])  # (N,) or None; ((N, L, D), (N, L)) or None
+        emb = self.embed(x, c_noise, labels)  # (N, E)
+        h, hs = self.contract(x, emb, context)  # (N, ch, H / f, W / f) and the skips
         for level in self.up:
             for block, attn in zip(level.blocks, level.attns):
-                h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))  # (N, width, H_i, W_i)
+                h = attend(attn, block(torch.cat([h, hs.pop()], dim=1), emb), context)  # (N, width, H_i, W_i)
             if level.resample is not None:
                 h = level.resample(h)  # (N, width, 2 H_i, 2 W_i)
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from difflab import distributed
-from difflab.conditioning import ClassConditioner, Cond, cond_index, cond_len
+from difflab.conditioning import ClassConditioner, Cond, TextConditioner, cond_index, cond_len, read_prompts
 from difflab.denoisers import PARAMETERIZATIONS, Denoiser, EDMParameterization, Parameterization, VPParameterization
 from difflab.devices import autocast
 from difflab.encoders import LatentEncoder, PixelEncoder, latent_cache, moments_statistics
@@ -73,6 +73,21 @@ class DiffusionConfig:
                                         "model is conditional and unconditional (needed for classifier-free guidance)")
     guidance_scale: float = setting(3.0, "conditional: classifier-free guidance scale of the sample grids "
                                          "(0 = unconditional, 1 = conditional, >1 = stronger)")
+    # text-to-image (tutorial §6)
+    text_encoder: str | None = setting(None, "text-to-image: condition on the captions through this text encoder: "
+                                             "minilm (the pretrained all-MiniLM-L6-v2, offline), a Hugging Face folder "
+                                             "or hub id (BERT, CLIP text, T5), or scratch (a small transformer trained "
+                                             "with the U-Net)", frozen=True, metavar="NAME_OR_PATH")
+    text_max_length: int | None = setting(None, "text: tokens per prompt, longer ones are cut (default: 32)",
+                                          frozen=True, metavar="L")
+    caption_dropout: float = setting(0.1, "text: fraction of captions replaced by the empty prompt, so the model is "
+                                          "also unconditional (needed for guidance)")
+    caption_templates: str | None = setting(None, "text, labelled datasets: captions from the class names, templates "
+                                                  "separated by | (default: 'a photo of a {class}|a {class}|...')",
+                                            frozen=True, metavar="TEMPLATES")
+    sample_prompts: str | None = setting(None, "text: a file with the sample grids' prompts, one per line (default: 8 "
+                                               "from the data; shapes: 4 seen and 4 held-out combinations)",
+                                         metavar="FILE")
     # pictures and evaluation during training
     num_samples: int = setting(64, "images in each sample grid")
     sample_steps: int | None = setting(None, "sampler steps for the sample grids (default: the model's: DDIM 50 "
@@ -125,6 +140,19 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
         if run.eval_every and cfg.eval_samples < 2:
             raise DifflabError(f"--eval-samples must be at least 2 (thousands for a meaningful FID), got {cfg.eval_samples}")
         ClassConditioner(["any"], cfg.label_dropout)  # checks the dropout rate
+        if cfg.text_encoder is not None:
+            if cfg.conditional:
+                raise DifflabError("use either --conditional (class labels) or --text-encoder (captions), not both")
+            if not 0.0 <= cfg.caption_dropout < 1.0:
+                raise DifflabError(f"--caption-dropout must lie in [0, 1), got {cfg.caption_dropout}")
+            if cfg.text_max_length is not None and not 1 <= cfg.text_max_length <= 512:
+                raise DifflabError(f"--text-max-length must lie in [1, 512], got {cfg.text_max_length}")
+            if cfg.sample_prompts is not None:
+                read_prompts(cfg.sample_prompts)  # one line for a missing or empty file, before the data loads
+        elif any(v is not None for v in (cfg.text_max_length, cfg.caption_templates, cfg.sample_prompts)):
+            raise DifflabError("--text-max-length, --caption-templates and --sample-prompts apply with --text-encoder")
+        if any(k in cfg.model for k in ("context_dim", "text_encoder")):
+            raise DifflabError("set --text-encoder instead of model.context_dim: the width comes from the encoder")
         if "num_classes" in cfg.model:
             raise DifflabError("set --conditional instead of model.num_classes: the number of classes comes from the "
                                "dataset")
@@ -152,7 +180,9 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
         self.encoder, self.latents = PixelEncoder(), None
         if cfg.vae is not None:
             self.encoder, self.latents = self._latent_setup(data)
-        self.conditioner, self.labels = None, None
+        self.conditioner, self.labels, self.captions, text = None, None, None, {}
+        if cfg.text_encoder is not None:
+            text = self._text_setup(data)
         if cfg.conditional:
             if data.labels is None:
                 raise DifflabError(f"--conditional needs labelled data: '{self.run.dataset}' has no labels (a folder "
@@ -164,9 +194,12 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
             self.config = cfg = dataclasses.replace(cfg, sigma_data=round(std, 6))
         self.parameterization = make_parameterization(cfg)
         channels, size = self.encoder.model_shape(self.image_shape)[:2]
-        self.unet = unet_config(cfg.preset, image_size=size, in_channels=channels, **cfg.model,
-                                num_classes=self.conditioner.num_classes if self.conditioner else None)
+        num_classes = self.conditioner.num_classes if isinstance(self.conditioner, ClassConditioner) else None
+        self.unet = unet_config(cfg.preset, image_size=size, in_channels=channels, **cfg.model, **text,
+                                num_classes=num_classes)
         net = UNet(self.unet).to(ctx.device)
+        if net.text_encoder is not None:  # a from-scratch encoder: the one the U-Net owns and trains
+            self.conditioner = TextConditioner(net.text_encoder, cfg.caption_dropout, self.conditioner.prompts)
         self._model = None
         # the main process scores; a bad extractor name or missing weights stop every process alike. Built after
         # the U-Net: a feature network's initialisation must not move the random stream the U-Net starts from.
@@ -175,6 +208,29 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
             device=ctx.device)) if self.run.eval_every else None
         self.shard = ctx.shard(self.run.batch_size)
         return net
+
+    def _text_setup(self, data) -> dict:
+        """Captions, the text encoder and its conditioner; returns the U-Net settings for cross-attention."""
+        from difflab.nn.text import load_text_encoder  # transformers is imported only by text-to-image runs
+        from difflab.tasks.captions import build_captions, grid_prompts, image_captions
+
+        cfg, ctx = self.config, self.ctx
+        captions = image_captions(data, cfg.caption_templates)
+        texts = sorted({t for per_image in captions for t in per_image})
+        def load():  # the main process first: it may download the encoder and writes the caption cache
+            return load_text_encoder(cfg.text_encoder, max_length=cfg.text_max_length, texts=texts).to(ctx.device)
+
+        encoder = distributed.main_first(load)
+        encoder = load() if encoder is None else encoder
+
+        def encode():
+            return build_captions(captions, encoder, device=ctx.device, progress=ctx.progress)
+
+        self.captions = distributed.main_first(encode)
+        self.captions = encode() if self.captions is None else self.captions
+        prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else grid_prompts(data, self.captions.texts)
+        self.conditioner = TextConditioner(encoder, cfg.caption_dropout, prompts)
+        return {"context_dim": encoder.width, "text_encoder": encoder.config() if encoder.trainable else None}
 
     def _latent_setup(self, data) -> tuple[LatentEncoder, tuple[torch.Tensor, torch.Tensor]]:
         """The autoencoder of ``--vae`` and the posterior (mean, std) of every training image, from the latent
@@ -243,7 +299,9 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
         sigma = self.parameterization.sample_sigma(x0.shape[0], generator, device)  # DDPM Alg. 1, line 3
         noise = torch.randn(x0.shape, generator=generator, device=device)  # line 4
         cond = None
-        if self.conditioner is not None:  # Ho & Salimans 2022, Algorithm 1: drop with probability p_uncond
+        if self.captions is not None:  # a random caption of each image, a fraction dropped to the empty prompt
+            cond = cond_index(self.conditioner.drop(self.captions.draw(idx, generator), generator), self.shard)
+        elif self.conditioner is not None:  # Ho & Salimans 2022, Algorithm 1: drop with probability p_uncond
             cond = cond_index(self.conditioner.drop(self.labels[idx], generator), self.shard)
         x0 = x0[self.shard]  # this process's slice of the global batch
         if device.type == "cuda":
@@ -265,8 +323,10 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
     def model(self, ema: torch.nn.Module) -> Model:
         """The EMA network as a :class:`Model`, for sampling."""
         if self._model is None or self._model.denoiser.net is not ema:
-            self._model = Model(Denoiser(ema, self.parameterization), self.encoder, self.conditioner,
-                                self.model_config())
+            conditioner = self.conditioner
+            if isinstance(conditioner, TextConditioner) and conditioner.in_unet:  # prompts through the EMA's encoder
+                conditioner = TextConditioner(ema.text_encoder, conditioner.dropout, conditioner.prompts)
+            self._model = Model(Denoiser(ema, self.parameterization), self.encoder, conditioner, self.model_config())
         return self._model
 
     def _guidance(self) -> dict:
@@ -279,24 +339,29 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
     def show(self, step: int, ema) -> None:
         """A grid from a fixed seed (one row per class for a conditional model): samples/step_N.png, samples.png."""
         cond, nrow = self.conditioner.grid(self.config.num_samples) if self.conditioner else (None, None)
+        prompts = cond if isinstance(self.conditioner, TextConditioner) else None  # written under each cell
+        n = len(prompts) if prompts else cond_len(cond) or self.config.num_samples
         with autocast(self.ctx.device):
-            grid = generate_sharded(self.model(ema), cond_len(cond) or self.config.num_samples, seed=0, cond=cond,
-                                    steps=self.config.sample_steps, **self._guidance())
+            grid = generate_sharded(self.model(ema), n, seed=0, steps=self.config.sample_steps, **self._guidance(),
+                                    **({"prompts": prompts} if prompts else {"cond": cond}))
         run_dir = self.ctx.run_dir
 
         def draw() -> None:
-            save_grid(grid, run_dir / "samples" / f"step_{step:07d}.png", nrow=nrow)
-            save_grid(grid, run_dir / "samples.png", nrow=nrow)
+            save_grid(grid, run_dir / "samples" / f"step_{step:07d}.png", nrow=nrow, captions=prompts)
+            save_grid(grid, run_dir / "samples.png", nrow=nrow, captions=prompts)
 
         self.ctx.on_main("drawing the sample grid", draw)
 
     def evaluate(self, step: int, ema) -> dict[str, float]:
         """Metrics of eval_samples generated images (the model's default sampler; every class equally often)
         against the real ones."""
-        n = self.config.eval_samples
-        cond = self.conditioner.balanced(n) if self.conditioner else None
+        n, given = self.config.eval_samples, {}
+        if isinstance(self.conditioner, TextConditioner):  # the training captions, cycled
+            given = {"prompts": [self.captions.texts[i % len(self.captions.texts)] for i in range(n)]}
+        elif self.conditioner is not None:
+            given = {"cond": self.conditioner.balanced(n)}
         with autocast(self.ctx.device):  # every process samples a share of the images; the main one scores them
-            fake = generate_sharded(self.model(ema), n, seed=10_000, cond=cond, **self._guidance())
+            fake = generate_sharded(self.model(ema), n, seed=10_000, **given, **self._guidance())
         result: dict[str, float] = {}
         self.ctx.on_main("evaluation", lambda: result.update(self.evaluator(fake)))
         return result

@@ -31,7 +31,8 @@ class RunConfig:
     8x8 digits on a CPU; a task may default some of them differently (``Task.run_defaults``)."""
 
     # data
-    dataset: str = setting("digits", "dataset name (digits, fashion-mnist, mnist, cifar10) or a folder of images",
+    dataset: str = setting("digits", "dataset name (digits, fashion-mnist, mnist, cifar10; shapes: procedural and "
+                                     "captioned) or a folder of images (captioned by a metadata.jsonl or .txt files)",
                            frozen=True)
     data_dir: str | None = setting(None, "where to look for dataset files before downloading them")
     image_size: int | None = setting(None, "train at this square size (default: the dataset's own; a folder: its "
