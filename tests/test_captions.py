@@ -37,7 +37,7 @@ def jsonl(path: Path, *rows) -> Path:
 
 
 def load(folder: Path):
-    return load_dataset(str(folder), progress=False)
+    return load_dataset(str(folder), progress=False, captions=True)
 
 
 def values(d) -> list[int]:
@@ -144,6 +144,19 @@ def test_images_without_a_caption_are_named(tmp_path):
     jsonl(tmp_path / "metadata.jsonl", {"file_name": "2.png", "text": "two"})
     error(tmp_path, "4 of 5 images in captioned folder", "(0.png, 1.png, 3.png, ...)", "metadata.jsonl",
           "or remove those images")
+
+
+def test_runs_that_do_not_need_captions_load_a_folder_whose_captions_are_incomplete(tmp_path):
+    """An imagefolder whose metadata.jsonl has no text column (only labels, say), or a few stray .txt files, is still
+    a folder of images: unless captions are required it loads without them, with a warning, or without reading them."""
+    for i in range(3):
+        grey(tmp_path / f"{i}.png", i)
+    jsonl(tmp_path / "metadata.jsonl", {"file_name": "0.png", "label": 3})
+    with pytest.warns(UserWarning, match="without captions"):
+        data = load_dataset(str(tmp_path), progress=False)
+    assert data.captions is None and len(data) == 3
+    assert load_dataset(str(tmp_path), progress=False, captions=False).captions is None
+    error(tmp_path, "metadata.jsonl")  # required: the mistake is an error
 
 
 def test_non_utf8_caption_files_are_named(tmp_path):

@@ -310,8 +310,10 @@ def test_one_line_errors(tmp_path, monkeypatch):
         HFTextEncoder("no-such-org/no-such-text-encoder")
     one_line(excinfo, "no-such-org/no-such-text-encoder", "hub")
     with pytest.raises(DifflabError) as excinfo:
-        ScratchTextEncoder(["a"]).encode("a red circle")
+        ScratchTextEncoder(["a"]).encode(["a red circle", 3])
     one_line(excinfo, "list of strings")
+    with pytest.warns(UserWarning, match="never saw"):  # a word outside a from-scratch encoder's vocabulary
+        ScratchTextEncoder(["a", "red"]).encode("a purple circle")
 
 
 def test_missing_packages_name_the_install(monkeypatch):

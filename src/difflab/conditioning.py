@@ -9,11 +9,12 @@
 The helpers below slice, concatenate, expand and move any of these, so samplers, guidance, sharded sampling
 and the training loop pass cond along without looking inside it.
 
-A **conditioner** turns user input (a class name, later a prompt) into cond, and owns the two things
-classifier-free guidance needs: the *null* condition, and the training-time *dropout* that replaces a
-fraction of the conditions by it (Ho & Salimans 2022, Algorithm 1, p_uncond; DiT's ``token_drop``), so
-one network learns both D(x, sigma, y) and D(x, sigma, null). The network turns cond into what its blocks
-use (:meth:`difflab.nn.UNet.forward`: a class embedding added to the time embedding).
+A **conditioner** turns user input (a class name: :class:`ClassConditioner`; a prompt: :class:`TextConditioner`)
+into cond, and owns the two things classifier-free guidance needs: the *null* condition (the null class, the empty
+prompt), and the training-time *dropout* that replaces a fraction of the conditions by it (Ho & Salimans 2022,
+Algorithm 1, p_uncond; DiT's ``token_drop``), so one network learns both D(x, sigma, y) and D(x, sigma, null). The
+network turns cond into what its blocks use (:meth:`difflab.nn.UNet.forward`: a class embedding added to the time
+embedding; token vectors that its cross-attention reads).
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ def cond_cat(conds: list[Cond]) -> Cond:
     if first is None:
         return None
     if isinstance(first, Mapping):
+        if any(not isinstance(c, Mapping) or set(c) != set(first) for c in conds):
+            raise DifflabError(f"conditions of different kinds cannot be batched together (keys {sorted(first)} vs "
+                               f"{[sorted(c) if isinstance(c, Mapping) else type(c).__name__ for c in conds]})")
         return {k: torch.cat([c[k] for c in conds]) for k in first}
     return torch.cat(list(conds))
 
@@ -180,7 +184,7 @@ def check_prompts(prompts) -> list[str]:
 def read_prompts(path: str) -> list[str]:
     """One prompt per non-empty line of a UTF-8 text file (one-line errors)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not a prompt
             prompts = [line.strip() for line in f if line.strip()]
     except UnicodeDecodeError:
         raise DifflabError(f"the prompts file '{path}' is not UTF-8 text") from None

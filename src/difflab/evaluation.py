@@ -139,7 +139,7 @@ def evaluate_prompts(fake: str, prompts: list[str], *, per_prompt: int = 4, seed
     for prompt in prompts:  # one line for a prompt the checker cannot read, before any sampling
         parse_prompt(prompt)
     model = load_model(fake, device=device)
-    if not model.prompts:
+    if not model.takes_prompts:
         raise DifflabError(f"'{fake}' is not a text-to-image model (train one with difflab train --text-encoder)")
     if guidance_scale is None:
         guidance_scale = 3.0 if model.conditioner.trained_null else 1.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,8 +67,14 @@ def guide(model: Model, *, guidance_scale: float | None = None, guidance_rescale
     classifier guidance (any model and a noise-aware ``classifier``); with neither it is returned unchanged. A
     ``negative_prompt`` (text models) replaces the empty prompt in the unconditional half of guidance: the samples
     are pushed away from it."""
-    if negative_prompt is not None and (guidance_scale is None or not model.prompts):
+    if negative_prompt is not None and (guidance_scale is None or not model.takes_prompts):
         raise DifflabError("a negative prompt needs a text-to-image model and a guidance scale")
+    if negative_prompt is not None and guidance_scale == 1:
+        warnings.warn("at guidance scale 1 the negative prompt has no effect (only the conditional estimate is used); "
+                      "use a scale above 1", stacklevel=3)
+    if classifier is not None and model.takes_prompts:
+        raise DifflabError("classifier guidance needs an unconditional model; a text-to-image model is guided by its "
+                           "prompt (--guidance-scale)")
     if classifier is not None:
         have, want = classifier.input_shape, model.shape
         if have != want:
@@ -115,12 +122,12 @@ def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | N
     steps = param.default_steps(sampler) if steps is None else steps
     sigmas = param.sampling_sigmas(steps, spacing, rho)
     if prompts is not None:
-        if not model.prompts:
+        if not model.takes_prompts:
             raise DifflabError("prompts need a text-to-image model (train one with --text-encoder)")
         if cond is not None:
             raise DifflabError("give either prompts or cond, not both")
         cond = model.conditioner.encode(prompts)  # once: reused at every step and in both halves of guidance
-    elif cond is None and model.prompts:  # no prompt: the empty one, i.e. the unconditional model
+    elif cond is None and model.takes_prompts:  # no prompt: the empty one, i.e. the unconditional model
         cond = model.conditioner.null(n)
     if cond is not None and cond_len(cond) != n:
         raise DifflabError(f"got {cond_len(cond)} conditions for {n} images")
@@ -189,6 +196,8 @@ def sample(model: Model | str | Path, n: int = 16, *, classes: str | int | list 
         raise DifflabError(f"output must be 'tensor' or 'pil', got '{output}'")
     if not isinstance(model, Model):
         model = load_model(model, device=device)
+    if classes is not None and model.takes_prompts:
+        raise DifflabError("this is a text-to-image model: pass prompts, not classes")
     if prompts is not None:
         if classes is not None:
             raise DifflabError("give either classes or prompts, not both")

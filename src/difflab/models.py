@@ -83,7 +83,7 @@ class Model:
         return self.conditioner.num_classes if isinstance(self.conditioner, ClassConditioner) else None
 
     @property
-    def prompts(self) -> bool:
+    def takes_prompts(self) -> bool:
         """Whether it is a text-to-image model (conditioned on prompts)."""
         return isinstance(self.conditioner, TextConditioner)
 

@@ -34,7 +34,7 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, min_c
     font, lines, band = None, [], 0
     if captions is not None:
         font = ImageFont.load_default()
-        lines = [_wrap(str(t), font, W) for t in captions]
+        lines = [_wrap(_drawable(str(t), font), font, W) for t in captions]
         band = 2 + _line_height(font) * max((len(x) for x in lines), default=0)
     grid = np.full((ncol * (H + band + pad) + pad, nrow * (W + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
@@ -50,6 +50,16 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, min_c
             for k, line in enumerate(text):
                 draw.text((left, top + k * _line_height(font)), line, fill=0, font=font)
     return picture
+
+
+def _drawable(text: str, font) -> str:
+    """``text``, or its Latin-1 approximation where the font cannot draw it (Pillow's bitmap fallback font, used
+    without FreeType, knows only Latin-1)."""
+    try:
+        font.getlength(text)
+        return text
+    except UnicodeError:
+        return text.encode("latin-1", "replace").decode("latin-1")
 
 
 def _line_height(font) -> int:

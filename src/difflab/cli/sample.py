@@ -205,7 +205,7 @@ def _write(images: torch.Tensor, out: Path, tag: str, per_row: int | None, args:
 def _guidance_options(args: argparse.Namespace, model: Model) -> tuple[dict, torch.Tensor | list[str] | None]:
     """(generate() guidance keywords, the classes or prompts to sample, or None) from the sample flags."""
     prompts = list(args.prompt_list or []) + (read_prompts(args.prompts) if args.prompts else [])
-    if model.prompts:
+    if model.takes_prompts:
         if args.classes is not None or args.classifier:
             raise DifflabError("this is a text-to-image model: give --prompt or --prompts instead of --class/--classifier")
         prompts = prompts or model.conditioner.prompts

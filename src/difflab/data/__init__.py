@@ -211,7 +211,7 @@ def _load_cifar10(split: str, data_dir: str | None, download: bool, progress: bo
 
 def load_dataset(name_or_path: str, *, image_size: int | None = None, channels: int | None = None,
                  data_dir: str | None = None, split: str = "train", download: bool = True,
-                 progress: bool = True) -> ImageData:
+                 progress: bool = True, captions: bool | None = None) -> ImageData:
     """Load a named dataset (:func:`dataset_names`) or a folder of images into memory.
 
     Args:
@@ -224,10 +224,14 @@ def load_dataset(name_or_path: str, *, image_size: int | None = None, channels: 
         split: ``"train"`` or ``"test"`` (named datasets; digits only has ``"train"``; ignored for folders).
         download: fetch missing files of Fashion-MNIST, MNIST or CIFAR-10 into the cache.
         progress: show tqdm progress bars for downloads and folder decoding.
+        captions: for a folder: True = its captions are required (a caption mistake is an error), None = read
+            them when present (a mistake warns and they are left out), False = ignore them.
 
     A folder is searched recursively for .png, .jpg, .jpeg and .webp files (hidden ones skipped). When it
     holds at least two subfolders and every image lies inside one, the subfolders are the classes.
     Files that fail to decode are left out, counted in ``ImageData.skipped`` and named in one warning.
+    A folder with a ``metadata.jsonl`` or a ``.txt`` beside its images is captioned (``ImageData.captions``, see
+    :mod:`difflab.data.captions`); ``"shapes"`` is the procedural captioned dataset of :mod:`difflab.data.shapes`.
     """
     if split not in SPLITS:
         raise DifflabError(f"unknown split {split!r}; use 'train' or 'test'")
@@ -257,7 +261,7 @@ def load_dataset(name_or_path: str, *, image_size: int | None = None, channels: 
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
         images, labels, class_names, skipped, captions = load_image_folder(
-            folder, image_size=image_size, channels=channels or 3, progress=progress)
+            folder, image_size=image_size, channels=channels or 3, progress=progress, captions=captions)
         return ImageData(torch.from_numpy(images), None if labels is None else torch.from_numpy(labels),
                          class_names, f"folder:{folder.resolve()}", skipped, captions)
     known = ", ".join(dataset_names())

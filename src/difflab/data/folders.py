@@ -108,7 +108,8 @@ def default_size(files: list[Path], pool: ThreadPoolExecutor) -> int:
     return DEFAULT_SIZE
 
 
-def load_image_folder(folder: Path, *, image_size: int | None, channels: int, progress: bool
+def load_image_folder(folder: Path, *, image_size: int | None, channels: int, progress: bool,
+                      captions: bool | None = None
                       ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None, int, list[list[str]] | None]:
     """Decode every image under ``folder``. Returns images uint8 (N, C, H, W), labels int64 (N,) or
     None, class names or None, how many files were skipped because they could not be decoded, and each
@@ -117,6 +118,8 @@ def load_image_folder(folder: Path, *, image_size: int | None, channels: int, pr
     Labels come from the first level of subfolders when there are at least two of them and every image
     lies inside one; class ``i`` is the ``i``-th subfolder name in sorted order. Captions are read before
     any image is decoded, so a caption mistake shows at once; those of undecodable images are dropped.
+    ``captions``: True = a caption mistake is an error (a text-to-image run needs them); None = read them when
+    present, but a mistake only warns and the folder loads without captions; False = do not read them.
     """
     files = find_images(folder)
     if not files:
@@ -125,7 +128,14 @@ def load_image_folder(folder: Path, *, image_size: int | None, channels: int, pr
     relative = [f.relative_to(folder) for f in files]
     subfolders = sorted({r.parts[0] for r in relative if len(r.parts) > 1})
     class_names = subfolders if len(subfolders) >= 2 and all(len(r.parts) > 1 for r in relative) else None
-    captions = read_folder_captions(folder, files)
+    wanted, captions = captions, None
+    if wanted is not False:
+        try:
+            captions = read_folder_captions(folder, files)
+        except DifflabError as e:
+            if wanted:
+                raise
+            warnings.warn(f"{e} -- loading the images without captions", stacklevel=3)
 
     with ThreadPoolExecutor(max_workers=min(MAX_WORKERS, os.cpu_count() or 1)) as pool:
         size = image_size if image_size is not None else default_size(files, pool)

@@ -343,8 +343,9 @@ class UNetClassifier(ContractingPath):
     ``UNetClassifier(config, num_outputs)(x_t, c_noise) -> (N, num_outputs)`` logits of p(y | x_t, t)."""
 
     def __init__(self, config: UNetConfig, num_outputs: int):
-        if config.num_classes is not None:
-            raise DifflabError("a noise-aware classifier takes no class labels as input (num_classes must be unset)")
+        if config.num_classes is not None or config.context_dim is not None:
+            raise DifflabError("a noise-aware classifier takes no class labels or prompts as input (num_classes and "
+                               "context_dim must be unset)")
         super().__init__(config)
         self.num_outputs = num_outputs
         self.norm_out = group_norm(self.bottom_channels, config.groups)

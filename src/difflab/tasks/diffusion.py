@@ -22,6 +22,7 @@ import torch
 
 from difflab import distributed
 from difflab.conditioning import ClassConditioner, Cond, TextConditioner, cond_index, cond_len, read_prompts
+from difflab.tasks.text import prepare_text, text_conditioning
 from difflab.denoisers import PARAMETERIZATIONS, Denoiser, EDMParameterization, Parameterization, VPParameterization
 from difflab.devices import autocast
 from difflab.encoders import LatentEncoder, PixelEncoder, latent_cache, moments_statistics
@@ -145,8 +146,11 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
                 raise DifflabError("use either --conditional (class labels) or --text-encoder (captions), not both")
             if not 0.0 <= cfg.caption_dropout < 1.0:
                 raise DifflabError(f"--caption-dropout must lie in [0, 1), got {cfg.caption_dropout}")
-            if cfg.text_max_length is not None and not 1 <= cfg.text_max_length <= 512:
-                raise DifflabError(f"--text-max-length must lie in [1, 512], got {cfg.text_max_length}")
+            if cfg.text_max_length is not None and not 2 <= cfg.text_max_length <= 512:
+                raise DifflabError(f"--text-max-length must lie in [2, 512] (a start token and a word), got "
+                                   f"{cfg.text_max_length}")
+            if run.hflip and str(run.dataset).lower() == "shapes":
+                raise DifflabError("--hflip would mirror the shapes but not their captions ('left of' <-> 'right of')")
             if cfg.sample_prompts is not None:
                 read_prompts(cfg.sample_prompts)  # one line for a missing or empty file, before the data loads
         elif any(v is not None for v in (cfg.text_max_length, cfg.caption_templates, cfg.sample_prompts)):
@@ -174,15 +178,17 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
 
     def setup(self) -> torch.nn.Module:
         cfg, ctx = self.config, self.ctx
-        data, self.run = load_training_images(self.run, ctx)
+        if cfg.text_encoder is not None and self.run.hflip is None:  # a mirror swaps "left of" and "right of"
+            self.run = dataclasses.replace(self.run, hflip=False)
+        data, self.run = load_training_images(self.run, ctx, captions=cfg.text_encoder is not None)
         self.data_name, self.image_shape = data.name, tuple(data.images.shape[1:])
         self.images = data.images.to(ctx.device)  # all supported datasets fit; uint8 until a batch is drawn
         self.encoder, self.latents = PixelEncoder(), None
         if cfg.vae is not None:
             self.encoder, self.latents = self._latent_setup(data)
-        self.conditioner, self.labels, self.captions, text = None, None, None, {}
-        if cfg.text_encoder is not None:
-            text = self._text_setup(data)
+        self.conditioner, self.labels, self.captions, text = None, None, None, None
+        if cfg.text_encoder is not None:  # the captions, and a frozen encoder or a from-scratch one's config
+            text = prepare_text(cfg, data, ctx)
         if cfg.conditional:
             if data.labels is None:
                 raise DifflabError(f"--conditional needs labelled data: '{self.run.dataset}' has no labels (a folder "
@@ -195,11 +201,11 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
         self.parameterization = make_parameterization(cfg)
         channels, size = self.encoder.model_shape(self.image_shape)[:2]
         num_classes = self.conditioner.num_classes if isinstance(self.conditioner, ClassConditioner) else None
-        self.unet = unet_config(cfg.preset, image_size=size, in_channels=channels, **cfg.model, **text,
-                                num_classes=num_classes)
+        self.unet = unet_config(cfg.preset, image_size=size, in_channels=channels, **cfg.model,
+                                **(text.unet if text else {}), num_classes=num_classes)
         net = UNet(self.unet).to(ctx.device)
-        if net.text_encoder is not None:  # a from-scratch encoder: the one the U-Net owns and trains
-            self.conditioner = TextConditioner(net.text_encoder, cfg.caption_dropout, self.conditioner.prompts)
+        if text is not None:  # a from-scratch encoder is the one the U-Net owns and trains
+            self.captions, self.conditioner = text_conditioning(cfg, data, text, text.frozen or net.text_encoder, ctx)
         self._model = None
         # the main process scores; a bad extractor name or missing weights stop every process alike. Built after
         # the U-Net: a feature network's initialisation must not move the random stream the U-Net starts from.
@@ -208,29 +214,6 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
             device=ctx.device)) if self.run.eval_every else None
         self.shard = ctx.shard(self.run.batch_size)
         return net
-
-    def _text_setup(self, data) -> dict:
-        """Captions, the text encoder and its conditioner; returns the U-Net settings for cross-attention."""
-        from difflab.nn.text import load_text_encoder  # transformers is imported only by text-to-image runs
-        from difflab.tasks.captions import build_captions, grid_prompts, image_captions
-
-        cfg, ctx = self.config, self.ctx
-        captions = image_captions(data, cfg.caption_templates)
-        texts = sorted({t for per_image in captions for t in per_image})
-        def load():  # the main process first: it may download the encoder and writes the caption cache
-            return load_text_encoder(cfg.text_encoder, max_length=cfg.text_max_length, texts=texts).to(ctx.device)
-
-        encoder = distributed.main_first(load)
-        encoder = load() if encoder is None else encoder
-
-        def encode():
-            return build_captions(captions, encoder, device=ctx.device, progress=ctx.progress)
-
-        self.captions = distributed.main_first(encode)
-        self.captions = encode() if self.captions is None else self.captions
-        prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else grid_prompts(data, self.captions.texts)
-        self.conditioner = TextConditioner(encoder, cfg.caption_dropout, prompts)
-        return {"context_dim": encoder.width, "text_encoder": encoder.config() if encoder.trainable else None}
 
     def _latent_setup(self, data) -> tuple[LatentEncoder, tuple[torch.Tensor, torch.Tensor]]:
         """The autoencoder of ``--vae`` and the posterior (mean, std) of every training image, from the latent

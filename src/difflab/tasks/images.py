@@ -12,14 +12,15 @@ from difflab.training.runs import default_hflip
 from difflab.training.task import Context
 
 
-def load_training_images(run: RunConfig, ctx: Context) -> tuple[ImageData, RunConfig]:
+def load_training_images(run: RunConfig, ctx: Context, *, captions: bool = False) -> tuple[ImageData, RunConfig]:
     """The dataset of ``run`` as uint8 (N, C, H, W), and ``run`` with the image size, channels and flips it
     resolved to (what the run folder's config.json records). The main process loads (and, if needed,
-    downloads) first, so several processes never write the same cache file."""
+    downloads) first, so several processes never write the same cache file. ``captions``: a folder's captions are
+    needed (a caption mistake is an error) rather than ignored."""
 
     def load() -> ImageData:
         return load_dataset(run.dataset, image_size=run.image_size, channels=run.channels, data_dir=run.data_dir,
-                            progress=ctx.progress)
+                            progress=ctx.progress, captions=captions)
 
     data = distributed.main_first(load)
     if data is None:  # the other processes, once the main one is done

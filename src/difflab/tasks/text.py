@@ -1,5 +1,5 @@
-"""The captions of a text-to-image run (tutorial §6): where they come from, how each step draws them, and the
-token vectors the U-Net's cross-attention reads.
+"""The text side of a text-to-image run (tutorial §6): where the captions come from, the text encoder, how each step
+draws captions, and the token vectors the U-Net's cross-attention reads.
 
 - Captions: a captioned folder (``metadata.jsonl`` or ``.txt`` beside each image), the procedural ``shapes`` dataset,
   or any labelled dataset through caption templates ("a photo of a {class}"). An image may have several captions;
@@ -13,13 +13,22 @@ token vectors the U-Net's cross-attention reads.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from difflab.conditioning import text_cache
+from difflab import distributed
+from difflab.conditioning import TextConditioner, read_prompts, text_cache
 from difflab.data import ImageData
-from difflab.data.captions import DEFAULT_TEMPLATES, caption_from_labels, caption_table, draw_captions, parse_templates
+from difflab.data.captions import (
+    DEFAULT_TEMPLATES,
+    caption_from_labels,
+    caption_table,
+    draw_captions,
+    fill_template,
+    parse_templates,
+)
 from difflab.errors import DifflabError
 
 GRID_PROMPTS = 8  # prompts (rows) of a training-time sample grid
@@ -53,7 +62,7 @@ def image_captions(data: ImageData, templates: str | None) -> list[list[str]]:
                                parse_templates(templates) if templates is not None else DEFAULT_TEMPLATES)
 
 
-def grid_prompts(data: ImageData, texts: list[str]) -> list[str]:
+def grid_prompts(data: ImageData, texts: list[str], templates: str | None) -> list[str]:
     """The fixed prompts of the training sample grids: for shapes, seen and held-out combinations alike; for
     labelled data, the first template of each class (up to :data:`GRID_PROMPTS`); otherwise the first captions."""
     if data.name == "shapes":
@@ -61,15 +70,51 @@ def grid_prompts(data: ImageData, texts: list[str]) -> list[str]:
 
         half = GRID_PROMPTS // 2
         return prompts("seen", GRID_PROMPTS - half, seed=0) + prompts("held_out", half, seed=0)
-    seen, chosen = set(), []
-    for text in texts:
-        if text not in seen:
-            seen.add(text)
-            chosen.append(text)
     if data.captions is None and data.class_names is not None:  # templates: one prompt per class
-        per_class = len(chosen) // len(data.class_names)
-        chosen = chosen[::per_class] if per_class else chosen
-    return chosen[:GRID_PROMPTS]
+        first = parse_templates(templates)[0] if templates is not None else DEFAULT_TEMPLATES[0]
+        return [fill_template(first, name) for name in data.class_names[:GRID_PROMPTS]]
+    return texts[:GRID_PROMPTS]
+
+
+@dataclass
+class TextSetup:
+    """What a text run knows before its U-Net exists: the captions, and either the frozen encoder (loaded) or the
+    config of a from-scratch one (built by the U-Net)."""
+
+    captions: list[list[str]]
+    frozen: object | None            # a frozen difflab.nn.text encoder, or None for a from-scratch one
+    unet: dict                       # U-Net settings: context_dim [, text_encoder]
+
+
+def prepare_text(cfg, data: ImageData, ctx) -> TextSetup:
+    """The captions of ``data`` and the encoder of ``cfg.text_encoder`` (the main process first: it may download)."""
+    from difflab.nn.text import ScratchTextEncoder, load_text_encoder  # transformers only for text runs
+
+    captions = image_captions(data, cfg.caption_templates)
+    if cfg.text_encoder == "scratch":
+        texts = sorted({t for per_image in captions for t in per_image})
+        config = ScratchTextEncoder.config_for(texts, max_length=cfg.text_max_length)
+        return TextSetup(captions, None, {"context_dim": config["width"], "text_encoder": config})
+
+    def load():
+        return load_text_encoder(cfg.text_encoder, max_length=cfg.text_max_length).to(ctx.device)
+
+    encoder = distributed.main_first(load)
+    encoder = load() if encoder is None else encoder
+    return TextSetup(captions, encoder, {"context_dim": encoder.width})
+
+
+def text_conditioning(cfg, data: ImageData, text: TextSetup, encoder, ctx) -> tuple[Captions, TextConditioner]:
+    """The caption table (distinct texts encoded once by a frozen encoder -- the main process writes the cache --
+    or tokenized for a from-scratch one) and the run's conditioner."""
+    def build():
+        return build_captions(text.captions, encoder, device=ctx.device, progress=ctx.progress)
+
+    captions = distributed.main_first(build)
+    captions = build() if captions is None else captions
+    prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else grid_prompts(data, captions.texts,
+                                                                                     cfg.caption_templates)
+    return captions, TextConditioner(encoder, cfg.caption_dropout, prompts)
 
 
 def build_captions(captions: list[list[str]], encoder, *, device: torch.device, progress: bool) -> Captions:
@@ -78,6 +123,9 @@ def build_captions(captions: list[list[str]], encoder, *, device: torch.device, 
     texts, offsets, flat = caption_table(captions)
     if encoder.trainable:
         tokens = encoder.tokenize(texts)
+        if encoder.last_truncated:
+            warnings.warn(f"{encoder.last_truncated} of {len(texts)} captions are longer than --text-max-length "
+                          f"{encoder.max_length} tokens and were cut", stacklevel=2)
         table = {"ids": tokens["ids"].to(device), "mask": tokens["mask"].bool().to(device)}
     else:
         table = text_cache(encoder, texts, device=device, progress=progress)
