@@ -22,7 +22,6 @@ import torch
 
 from difflab import distributed
 from difflab.conditioning import ClassConditioner, Cond, TextConditioner, cond_index, cond_len, read_prompts
-from difflab.tasks.text import prepare_text, text_conditioning
 from difflab.denoisers import PARAMETERIZATIONS, Denoiser, EDMParameterization, Parameterization, VPParameterization
 from difflab.devices import autocast
 from difflab.encoders import LatentEncoder, PixelEncoder, latent_cache, moments_statistics
@@ -34,6 +33,7 @@ from difflab.models import Model, TrainedAutoencoder, load_autoencoder, load_mod
 from difflab.nn import UNet, unet_config
 from difflab.schedules import make_schedule
 from difflab.tasks.images import load_training_images
+from difflab.tasks.text import prepare_text, text_conditioning
 from difflab.training import loop
 from difflab.training.checkpoint import latest_valid_checkpoint
 from difflab.training.config import setting
