@@ -5,20 +5,12 @@ import math
 
 import pytest
 import torch
+from test_unet import reinit  # PyTorch's default (non-zero) init everywhere, so every path carries signal
 from torch import nn
 
 from difflab.errors import DifflabError
 from difflab.nn import UNet, unet_config
 from difflab.nn.layers import MultiHeadAttention, SpatialTransformer
-
-
-def reinit(model: nn.Module, seed: int = 0) -> nn.Module:
-    """PyTorch's default (non-zero) init everywhere, so every path carries signal."""
-    torch.manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
-            m.reset_parameters()
-    return model
 
 
 def text_cond(n=2, length=6, width=16, real=(3, 6), seed=0):
