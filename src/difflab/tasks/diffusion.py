@@ -79,7 +79,8 @@ class DiffusionConfig:
                                              "minilm (the pretrained all-MiniLM-L6-v2, offline), a Hugging Face folder "
                                              "or hub id (BERT, CLIP text, T5), or scratch (a small transformer trained "
                                              "with the U-Net)", frozen=True, metavar="NAME_OR_PATH")
-    text_max_length: int | None = setting(None, "text: tokens per prompt, longer ones are cut (default: 32)",
+    text_max_length: int | None = setting(None, "text: tokens per prompt, longer ones are cut (default: 32; scratch: the "
+                                                "longest caption)",
                                           frozen=True, metavar="L")
     caption_dropout: float = setting(0.1, "text: fraction of captions replaced by the empty prompt, so the model is "
                                           "also unconditional (needed for guidance)")
@@ -122,6 +123,8 @@ class DiffusionTask(Task):
   difflab train --config run.yaml --lr 1e-4      # flags override the file
   difflab train --resume runs/digits --steps 10000
   difflab train --conditional                    # class-conditional (label dropout 0.1): one row per class in samples.png
+  difflab train --dataset shapes --text-encoder minilm   # text-to-image on 32x32 shapes with the pretrained MiniLM
+  difflab train --dataset ./captioned --text-encoder scratch --image-size 64   # metadata.jsonl or .txt captions
   torchrun --nproc_per_node 4 -m difflab train --dataset cifar10 --preset ddpm-cifar10   # 4 GPUs, global batch split
 
 every run folder holds config.json, log.jsonl, loss.png, samples.png (+ samples/step_*.png) and
