@@ -23,6 +23,7 @@ travel separately, in the checkpoint); ``identity()`` changes whenever the outpu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -86,7 +87,8 @@ class TextEncoder(nn.Module):
         prompts = check_prompts(prompts)
         home = next(self.parameters()).device
         parts, cut, unknown = [], 0, 0
-        with torch.no_grad(), torch.autocast(home.type, enabled=self.trainable and torch.is_autocast_enabled()):
+        precision = contextlib.nullcontext() if self.trainable else torch.autocast(home.type, enabled=False)
+        with torch.no_grad(), precision:
             for start in range(0, len(prompts), batch_size):
                 batch = self.tokenize(prompts[start:start + batch_size])
                 cut += self.last_truncated
