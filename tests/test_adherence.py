@@ -80,6 +80,25 @@ def test_empty_and_grey_images_show_nothing():
     assert check_image(black, "a red circle")["position"] is None
 
 
+def test_noise_and_a_tinted_background_are_not_objects():
+    """A field of random palette colours holds every colour and, somewhere, every shape: it is noise and fails every
+    category. A coloured region touching the border is a tinted background, never a (perfect) square."""
+    rng = np.random.default_rng(0)
+    palette = np.array([(0, 0, 0)] + list(COLOURS.values()), np.uint8)
+    for size in (16, 32):
+        noise = palette[rng.integers(0, len(palette), (size, size))]
+        for prompt in ("a red circle", "two blue squares", "a green triangle to the left of a cyan circle"):
+            assert not any(v for v in check_image(noise, prompt).values()), prompt
+    tinted = np.zeros((32, 32, 3), np.uint8)
+    tinted[:] = COLOURS["magenta"]
+    assert detect(tinted) == []
+    scene = Scene((Obj("green", "triangle", 0.5, 0.5, 0.4),), None, "single", "a green triangle")
+    image = render(scene, 32)
+    tinted = np.where((image.sum(-1) == 0)[..., None], np.array(COLOURS["magenta"], np.uint8), image)
+    assert check_image(tinted, "a green triangle")["attribution"]  # the object on a tint is still read
+    assert not check_image(tinted, "a magenta square")["present"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Deliberately wrong images are caught
 

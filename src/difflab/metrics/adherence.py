@@ -37,7 +37,7 @@ from difflab.data import from_model_range
 from difflab.data.shapes import COLOURS, PromptSpec, parse_prompt
 from difflab.errors import DifflabError
 
-__all__ = ["CATEGORIES", "Detection", "detect", "check_image", "score", "format_adherence_table"]
+__all__ = ["CATEGORIES", "Detection", "analyse", "detect", "check_image", "score", "format_adherence_table"]
 
 CATEGORIES = ("present", "count", "colour", "attribution", "position", "overall")
 
@@ -50,6 +50,11 @@ MIN_COVERAGE = 0.5  # t = pixel . colour / |colour|^2: an object pixel is at lea
 #   the usual 50% coverage cut, and keeps the background's noise (t ~ 0.1) out
 MIN_AREA = 0.01  # fraction of the image: the smallest rendered object (a 5.5 px triangle at 16 px) covers 6%.
 #   Specks of a noisy sample are smaller.
+MAX_SPECKLE = 0.1  # fraction of the image in coloured specks (components under MIN_AREA): above this the image is
+#   noise, not a scene, and fails every category -- otherwise a field of random colours "contains" every colour and,
+#   somewhere, every shape. Renders have none (clean or with noise of sigma 20: < 1%).
+# Objects never touch the image border (the generator keeps a black margin): a coloured region that does is a
+#   tinted background, not an object, and is not detected (a full-frame tint would otherwise be a perfect "square").
 TRIANGLE_SKEW = -0.2  # row-mass skewness <= this: a triangle, apex up (ideal -0.566, the skewness of a
 #   density growing linearly from apex to base). Measured on renders at 16..64 px: triangles -0.83..-0.36
 #   (-0.27 with noise of sigma 30 or a blur of 0.8 px at 32 px), circles and squares, symmetric top to
@@ -106,6 +111,11 @@ def _shape_of(fill: float, aspect: float, skew: float) -> str:
 
 def detect(image, *, min_area: float = MIN_AREA) -> list[Detection]:
     """The objects of one (H, W, 3) uint8 image: colour, shape, centroid and area of each, largest first."""
+    return analyse(image, min_area=min_area)[0]
+
+
+def analyse(image, *, min_area: float = MIN_AREA) -> tuple[list[Detection], float]:
+    """:func:`detect`'s objects, and the fraction of the image covered by coloured specks too small to be one."""
     img = _as_hwc(image)  # (H, W, 3)
     h, w, _ = img.shape
     dot = img @ _PALETTE.T  # (H, W, colours)
@@ -117,7 +127,7 @@ def detect(image, *, min_area: float = MIN_AREA) -> list[Detection]:
     nearest = np.where(ok, best[..., 0] + 1, 0)  # (H, W): 0 background, k palette colour k - 1
     any_object = nearest > 0
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5  # pixel centres
-    found = []
+    found, speckle = [], 0.0
     for k, name in enumerate(_NAMES, start=1):
         mask = ndimage.binary_fill_holes(nearest == k)  # a noisy pixel inside an object is still the object
         labels, n = ndimage.label(mask, structure=_EIGHT)
@@ -136,14 +146,17 @@ def detect(image, *, min_area: float = MIN_AREA) -> list[Detection]:
             a = np.where(core | ring, np.clip(alpha / level, 0, 1), 0)  # (H, W)
             area = float(a.sum())
             if area < min_area * h * w:
+                speckle += float(core.sum())
                 continue
+            if core[0].any() or core[-1].any() or core[:, 0].any() or core[:, -1].any():
+                continue  # touches the border: background, not an object (see the thresholds)
             widest, tallest = float(a.sum(1).max()), float(a.sum(0).max())
             fill, aspect = area / (widest * tallest), widest / tallest
             cx, cy = float((a * xs).sum() / area), float((a * ys).sum() / area)
             var = float((a * (ys - cy) ** 2).sum() / area)
             skew = float((a * (ys - cy) ** 3).sum() / area / var ** 1.5) if var > 0 else 0.0
             found.append(Detection(name, _shape_of(fill, aspect, skew), cx / w, cy / h, area / (h * w), fill, skew))
-    return sorted(found, key=lambda d: -d.area)
+    return sorted(found, key=lambda d: -d.area), speckle / (h * w)
 
 
 def _position(found: list[Detection], relation) -> bool:
@@ -168,9 +181,14 @@ def check_image(image, prompt: str | PromptSpec, *, detections: list[Detection] 
                  square next to a blue circle)
     position     relation prompts: the subject lies on the named side of the reference (else None)
     overall      every part that applies is right
+
+    An image that is mostly coloured specks (more than ``MAX_SPECKLE`` of it: noise, not a scene) fails every part.
     """
     spec = prompt if isinstance(prompt, PromptSpec) else parse_prompt(prompt)
-    found = detect(image) if detections is None else detections
+    speckle = 0.0
+    if detections is None:
+        detections, speckle = analyse(image)
+    found = detections
     shapes = Counter(d.shape for d in found)
     pairs = Counter((d.colour, d.shape) for d in found)
     wanted_shapes = Counter(s for _, s in spec.objects)
@@ -181,6 +199,8 @@ def check_image(image, prompt: str | PromptSpec, *, detections: list[Detection] 
         "attribution": all(pairs[p] >= k for p, k in Counter(spec.objects).items()),
         "position": None if spec.relation is None else _position(found, spec.relation),
     }
+    if speckle > MAX_SPECKLE:  # unreadable: noise
+        result = {k: None if v is None else False for k, v in result.items()}
     result["overall"] = all(v for v in result.values() if v is not None)
     return result
 
