@@ -20,7 +20,6 @@ embedding; token vectors that its cross-attention reads).
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from collections.abc import Mapping
 from typing import Callable, Union
@@ -213,7 +212,7 @@ class TextConditioner:
             raise DifflabError(f"--caption-dropout must lie in [0, 1), got {dropout}")
         self.encoder, self.dropout = encoder, float(dropout)
         self.prompts = list(prompts or [])  # the fixed prompts of training-time sample grids
-        self._null: dict = {}
+        self._null: dict = {}  # device -> the empty prompt's cond (a frozen encoder) or token ids (a trained one)
 
     @property
     def trained_null(self) -> bool:
@@ -253,9 +252,11 @@ class TextConditioner:
         even at 0). Works on token vectors (a frozen encoder) and on token ids (a from-scratch one)."""
         first = next(iter(cond.values()))
         drop = torch.rand(first.shape[0], generator=generator, device=first.device) < self.dropout
-        if "ids" in cond:
-            empty = self.encoder.tokenize([""])
-            empty = {k: v.to(first.device) for k, v in empty.items()}
+        if "ids" in cond:  # the ids of "" never change, though the encoder learns: tokenized once per device
+            key = f"ids:{first.device}"
+            if key not in self._null:
+                self._null[key] = {k: v.to(first.device) for k, v in self.encoder.tokenize([""]).items()}
+            empty = self._null[key]
         else:
             empty = self.null(1, first.device)
         return {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), empty[k].to(v.dtype), v) for k, v in cond.items()}
@@ -310,9 +311,9 @@ def text_cache(encoder, texts: list[str], *, device: torch.device | str, progres
     """Every text of ``texts`` encoded once by a frozen encoder: ``{"tokens": (U, L, D), "mask": (U, L)}`` on
     ``device``. Kept on disk under ``$DIFFLAB_CACHE/text``, keyed by the encoder's identity and the texts, so a
     second run (or a resumed one) reads instead of encoding; float32, identical to encoding on the fly."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from difflab.data import cache_dir
+    from difflab.data.download import cache_dir, save_cache_tensors
 
     digest = hashlib.sha256("\n".join([encoder.identity(), *texts]).encode()).hexdigest()[:20]
     path = cache_dir() / "text" / f"{digest}.safetensors"
@@ -331,10 +332,7 @@ def text_cache(encoder, texts: list[str], *, device: torch.device | str, progres
     tokens = torch.cat([p.tokens.float() for p in parts])
     mask = torch.cat([p.mask.bool() for p in parts])
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"tokens": tokens.cpu().contiguous(), "mask": mask.cpu().to(torch.uint8)}, str(tmp))
-        os.replace(tmp, path)
+        save_cache_tensors(path, {"tokens": tokens.cpu(), "mask": mask.cpu().to(torch.uint8)})
     except OSError as e:  # a read-only cache costs time, not the run
         warnings.warn(f"could not write the caption cache {path}: {e.strerror}", stacklevel=2)
     return {"tokens": tokens, "mask": mask}

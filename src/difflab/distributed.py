@@ -235,6 +235,13 @@ def main_first(fn, *, error_prefix: str = ""):
     return result
 
 
+def main_then_others(fn):
+    """``fn()`` on every process, the main one first: it downloads, decodes or encodes and writes the cache that the
+    others then read. Errors as in :func:`main_first`."""
+    result = main_first(fn)
+    return result if is_main() else fn()
+
+
 def gather_shards(local: torch.Tensor, n: int) -> torch.Tensor:
     """The whole batch of ``n`` items, in order, on every rank, from each rank's contiguous shard
     (:func:`shard_range`). ``local`` is this rank's shard, ``(stop - start, ...)``; an empty shard still

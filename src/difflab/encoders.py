@@ -25,17 +25,16 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from difflab.data import cache_dir, to_model_range
+from difflab.data.download import save_cache_tensors
 from difflab.errors import DifflabError
 from difflab.nn.vae import Autoencoder, AutoencoderConfig, DiagonalGaussian
 
@@ -213,10 +212,7 @@ def latent_cache(encoder: LatentEncoder, images: torch.Tensor, *, data_name: str
     source = torch.cat([images, images.flip(-1)]) if hflip else images
     mean, std = encode_moments(encoder, source, batch_size=batch_size, progress=progress, device=device)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"mean": mean.contiguous(), "std": std.contiguous()}, tmp, metadata=identity)
-        os.replace(tmp, path)
+        save_cache_tensors(path, {"mean": mean, "std": std}, metadata=identity)
     except OSError as e:  # the cache is an optimisation: training goes on without it
         print(f"warning: could not write the latent cache {path} ({e.strerror}); it is encoded again next time")
     return mean, std

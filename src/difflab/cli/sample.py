@@ -211,13 +211,8 @@ def _guidance_options(args: argparse.Namespace, model: Model) -> tuple[dict, tor
         prompts = prompts or model.conditioner.prompts
         if not prompts:
             raise DifflabError("give a --prompt (this model records no default prompts)")
-        trained_null = model.conditioner.trained_null
-        scale = args.guidance_scale if args.guidance_scale is not None else (3.0 if trained_null else 1.0)
-        if scale != 1.0 and not trained_null:
-            print("warning: this model was trained without caption dropout, so the empty prompt is untrained; guidance "
-                  "scales other than 1 extrapolate from noise", file=sys.stderr)
-        return {"guidance_scale": scale, "guidance_rescale": args.guidance_rescale,
-                "negative_prompt": args.negative_prompt}, prompts
+        return {"guidance_scale": _guidance_scale(args, model, "caption dropout, so the empty prompt"),
+                "guidance_rescale": args.guidance_rescale, "negative_prompt": args.negative_prompt}, prompts
     if prompts or args.negative_prompt is not None:
         raise DifflabError("--prompt, --prompts and --negative-prompt need a text-to-image model (difflab train "
                            "--text-encoder); this one is " + ("class-conditional: use --class" if model.conditioner
@@ -243,9 +238,16 @@ def _guidance_options(args: argparse.Namespace, model: Model) -> tuple[dict, tor
             raise DifflabError("--guidance-rescale applies only with classifier-free guidance")
         return {}, None
     labels = model.conditioner.parse(classes)
+    scale = _guidance_scale(args, model, "label dropout, so its null class")
+    return {"guidance_scale": scale, "guidance_rescale": args.guidance_rescale}, labels
+
+
+def _guidance_scale(args: argparse.Namespace, model: Model, untrained: str) -> float:
+    """--guidance-scale, or 3 for a model that learned its null condition (1, plain conditional, for one that did
+    not); a warning when a scale other than 1 meets an untrained null condition."""
     trained_null = model.conditioner.trained_null
     scale = args.guidance_scale if args.guidance_scale is not None else (3.0 if trained_null else 1.0)
     if scale != 1.0 and not trained_null:
-        print("warning: this model was trained without label dropout, so its null class is untrained; guidance "
-              "scales other than 1 extrapolate from noise", file=sys.stderr)
-    return {"guidance_scale": scale, "guidance_rescale": args.guidance_rescale}, labels
+        print(f"warning: this model was trained without {untrained} is untrained; guidance scales other than 1 "
+              "extrapolate from noise", file=sys.stderr)
+    return scale

@@ -29,6 +29,17 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "difflab"
 
 
+def save_cache_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors to a safetensors cache file atomically (a temporary file beside it, then a rename), so a run
+    reading the cache never sees half a file. Raises OSError when the cache cannot be written."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
 def download_file(url: str, dest: str | os.PathLike, *, md5: str, progress: bool = True) -> Path:
     """Download ``url`` to ``dest`` and verify its MD5; return ``dest``.
 

@@ -234,7 +234,7 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
             return latent_cache(probe, data.images, data_name=data.name, hflip=run.hflip, device=ctx.device,
                                 progress=ctx.progress)
 
-        moments = distributed.main_first(cache) or cache()  # the main process writes the cache, the others read it
+        moments = distributed.main_then_others(cache)  # the main process writes the cache, the others read it
         if trained.mean is None:
             mean, std = moments_statistics(moments[0][: len(data.images)], moments[1][: len(data.images)])
             if ctx.main:

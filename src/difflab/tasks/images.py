@@ -22,9 +22,7 @@ def load_training_images(run: RunConfig, ctx: Context, *, captions: bool = False
         return load_dataset(run.dataset, image_size=run.image_size, channels=run.channels, data_dir=run.data_dir,
                             progress=ctx.progress, captions=captions)
 
-    data = distributed.main_first(load)
-    if data is None:  # the other processes, once the main one is done
-        data = load()
+    data = distributed.main_then_others(load)
     _, channels, height, width = data.images.shape
     if height != width:
         raise DifflabError(f"images must be square for the U-Net, got {height}x{width} (set --image-size)")

@@ -99,8 +99,7 @@ def prepare_text(cfg, data: ImageData, ctx) -> TextSetup:
     def load():
         return load_text_encoder(cfg.text_encoder, max_length=cfg.text_max_length).to(ctx.device)
 
-    encoder = distributed.main_first(load)
-    encoder = load() if encoder is None else encoder
+    encoder = distributed.main_then_others(load)
     return TextSetup(captions, encoder, {"context_dim": encoder.width})
 
 
@@ -110,8 +109,7 @@ def text_conditioning(cfg, data: ImageData, text: TextSetup, encoder, ctx) -> tu
     def build():
         return build_captions(text.captions, encoder, device=ctx.device, progress=ctx.progress)
 
-    captions = distributed.main_first(build)
-    captions = build() if captions is None else captions
+    captions = distributed.main_then_others(build)
     prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else grid_prompts(data, captions.texts,
                                                                                      cfg.caption_templates)
     return captions, TextConditioner(encoder, cfg.caption_dropout, prompts)
