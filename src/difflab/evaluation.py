@@ -16,7 +16,7 @@ from difflab import distributed
 from difflab.data import load_dataset, to_model_range
 from difflab.devices import autocast, resolve_device
 from difflab.errors import DifflabError
-from difflab.generate import generate_sharded
+from difflab.generate import default_guidance_scale, generate_sharded
 from difflab.metrics import compute_features, evaluate_features, get_extractor, load_reference
 from difflab.metrics import save_reference as save_reference_file
 from difflab.metrics.domain import DOMAIN_EXTRACTORS
@@ -142,7 +142,7 @@ def evaluate_prompts(fake: str, prompts: list[str], *, per_prompt: int = 4, seed
     if not model.takes_prompts:
         raise DifflabError(f"'{fake}' is not a text-to-image model (train one with difflab train --text-encoder)")
     if guidance_scale is None:
-        guidance_scale = 3.0 if model.conditioner.trained_null else 1.0
+        guidance_scale = default_guidance_scale(model)
     expanded = [p for p in prompts for _ in range(per_prompt)]
     stats: dict = {}
     with autocast(model.device):  # under torchrun every process samples a share

@@ -60,6 +60,12 @@ def sampler_options(sampler: str, options: dict) -> dict:
     return options
 
 
+def default_guidance_scale(model: Model) -> float:
+    """The classifier-free guidance scale a conditional model samples with unless told: 3 when it learned its null
+    condition (label or caption dropout > 0), else 1 -- plain conditional sampling."""
+    return 3.0 if model.conditioner.trained_null else 1.0
+
+
 def guide(model: Model, *, guidance_scale: float | None = None, guidance_rescale: float = 0.0,
           negative_prompt: str | None = None, classifier: NoisyClassifier | None = None,
           classifier_scale: float = 1.0) -> DenoiserFn:

@@ -13,7 +13,7 @@ from difflab import distributed
 from difflab.conditioning import cond_len, cond_repeat_interleave, parse_classes, read_prompts
 from difflab.devices import autocast
 from difflab.errors import DifflabError
-from difflab.generate import generate_sharded
+from difflab.generate import default_guidance_scale, generate_sharded
 from difflab.models import Model, load_classifier, load_model
 from difflab.samplers import SAMPLERS
 from difflab.viz import save_grid, to_pil
@@ -245,9 +245,8 @@ def _guidance_options(args: argparse.Namespace, model: Model) -> tuple[dict, tor
 def _guidance_scale(args: argparse.Namespace, model: Model, untrained: str) -> float:
     """--guidance-scale, or 3 for a model that learned its null condition (1, plain conditional, for one that did
     not); a warning when a scale other than 1 meets an untrained null condition."""
-    trained_null = model.conditioner.trained_null
-    scale = args.guidance_scale if args.guidance_scale is not None else (3.0 if trained_null else 1.0)
-    if scale != 1.0 and not trained_null:
+    scale = args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(model)
+    if scale != 1.0 and not model.conditioner.trained_null:
         print(f"warning: this model was trained without {untrained} is untrained; guidance scales other than 1 "
               "extrapolate from noise", file=sys.stderr)
     return scale

@@ -233,11 +233,7 @@ class HFTextEncoder(TextEncoder):
 
     def tokenize(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Pad / truncate to exactly ``max_length`` tokens (CPU tensors); counts cut prompts in ``last_truncated``."""
-        prompts = check_prompts(prompts)
-        prompts, L = list(prompts), self.max_length
-        if not prompts:
-            self.last_truncated = 0
-            return {"ids": torch.zeros(0, L, dtype=torch.long), "mask": torch.zeros(0, L, dtype=torch.bool)}
+        prompts, L = check_prompts(prompts), self.max_length  # a non-empty list
         out = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=L, return_tensors="pt")
         longer = self.tokenizer(prompts, truncation=True, max_length=L + 1)["input_ids"]   # L + 1 only when cut
         self.last_truncated = sum(len(ids) > L for ids in longer)
