@@ -7,9 +7,10 @@ Quickstart::
     images = difflab.sample(run, n=16, sampler="ddim", steps=50)  # (16, 1, 8, 8) in [0, 1]
     vae = difflab.train_vae(dataset="fashion-mnist", image_size=32)   # an autoencoder for latent diffusion
     latent = difflab.train(dataset="fashion-mnist", image_size=32, vae=str(vae))
+    student = difflab.distill(run, method="progressive", to_steps=4)   # samples in 4 steps
 """
 
-from difflab.denoisers import Denoiser, EDMParameterization, VPParameterization
+from difflab.denoisers import ConsistencyParameterization, Denoiser, EDMParameterization, VPParameterization
 from difflab.errors import DifflabError
 from difflab.generate import generate, sample
 from difflab.models import (
@@ -21,11 +22,21 @@ from difflab.models import (
            load_classifier,
            load_model,
 )
-from difflab.tasks import DiffusionConfig, NoisyClassifierConfig, VAEConfig, train, train_classifier, train_vae
+from difflab.tasks import (
+    DiffusionConfig,
+    DistillConfig,
+    NoisyClassifierConfig,
+    VAEConfig,
+    distill,
+    train,
+    train_classifier,
+    train_vae,
+)
 from difflab.training.config import RunConfig
 
 __version__ = "0.1.0"
-__all__ = ["Denoiser", "DifflabError", "DiffusionConfig", "EDMParameterization", "Model", "NoisyClassifier",
+__all__ = ["ConsistencyParameterization", "Denoiser", "DifflabError", "DiffusionConfig", "DistillConfig",
+           "EDMParameterization", "Model", "NoisyClassifier",
            "NoisyClassifierConfig", "RunConfig", "TrainedAutoencoder", "VAEConfig", "VPParameterization", "generate",
-           "load", "load_autoencoder", "load_classifier", "load_model", "sample", "train", "train_classifier",
+           "load", "load_autoencoder", "load_classifier", "load_model", "sample", "train", "train_classifier", "distill",
            "train_vae", "__version__"]

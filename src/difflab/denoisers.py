@@ -21,6 +21,8 @@ loss weight (EDM pairs VPPrecond with VPLoss and EDMPrecond with EDMLoss the sam
 * :class:`EDMParameterization` -- Karras et al. 2022, Table 1 "Ours": continuous sigma, sigma_data scaling,
   log-normal training sigma and the weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
 
+* :class:`ConsistencyParameterization` -- a consistency model (Song et al. 2023) on top of either: f(x, sigma_min) = x.
+
 Nothing outside a parameterization branches on the family or the prediction type.
 """
 
@@ -38,7 +40,7 @@ from difflab.schedules import NoiseSchedule, karras_sigmas, make_schedule, sampl
 from difflab.tensors import append_dims, sigma_per_example
 
 PREDICTIONS = ("eps", "x0", "v")
-PARAMETERIZATIONS = ("vp", "edm")
+PARAMETERIZATIONS = ("vp", "edm")  # what `difflab train` trains; distillation adds "consistency"
 
 
 class DenoiserFn(Protocol):
@@ -193,10 +195,10 @@ class EDMParameterization(Parameterization):
 
     def sampling_sigmas(self, steps, spacing=None, rho=7.0):
         spacing = spacing or self.default_spacing
-        if spacing != "karras":
+        if spacing not in ("karras", "trailing"):
             raise DifflabError(f"spacing '{spacing}' picks timesteps of a discrete schedule, but this EDM model has "
-                               "continuous noise levels: use --spacing karras (the default)")
-        return karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
+                               "continuous noise levels: use --spacing karras (the default) or trailing")
+        return karras_sigmas(steps, self.sigma_min, self.sigma_max, rho, trailing=spacing == "trailing")
 
     def prior_std(self, sigma_max):
         return sigma_max  # EDM Algorithm 1, line 1: x_0 ~ N(0, sigma_max^2 I)
@@ -209,6 +211,62 @@ class EDMParameterization(Parameterization):
                 "sigma_max": self.sigma_max, "p_mean": self.p_mean, "p_std": self.p_std}
 
 
+class ConsistencyParameterization(Parameterization):
+    """A consistency model f(x, sigma) (Song et al. 2023, §3 and Appendix C) built on the teacher's parameterization
+    ``base``, whose c_in and c_noise it keeps (so the student starts from the teacher's weights):
+
+        f = c_skip(sigma) x + c_out(sigma) F_edm,   c_skip = sigma_data^2 / ((sigma - sigma_min)^2 + sigma_data^2),
+                                                    c_out = (sigma - sigma_min) sigma_data / sqrt(sigma^2 + sigma_data^2)
+
+    where F_edm = (D_base - c_skip_edm x) / c_out_edm is the network's output in EDM's units (c_skip_edm =
+    sigma_data^2 / (sigma^2 + sigma_data^2), c_out_edm = sigma sigma_data / sqrt(sigma^2 + sigma_data^2)). For an EDM
+    base this is exactly Song et al.'s parameterization; for any base, f = x exactly at sigma = sigma_min (c_skip = 1,
+    c_out = 0: the boundary condition), and f is close to the base denoiser D at large sigma. Written out:
+
+        f = (c_skip + r (b_skip - c_skip_edm)) x + r b_out F(b_in x),   r = c_out / c_out_edm = (sigma - sigma_min) / sigma
+
+    Sampled with the consistency sampler, one step by default (:func:`difflab.samplers.sample_consistency`)."""
+
+    kind = "consistency"
+    default_sampler, default_spacing = "consistency", "trailing"
+
+    def __init__(self, base: Parameterization, sigma_data: float = 0.5):
+        if not (math.isfinite(sigma_data) and sigma_data > 0):
+            raise DifflabError(f"sigma_data must be a positive number, got {sigma_data}")
+        if isinstance(base, ConsistencyParameterization):
+            raise DifflabError("a consistency model's base must be a diffusion parameterization (vp or edm)")
+        self.base, self.sigma_data = base, float(sigma_data)
+        self.sigma_min, self.sigma_max = base.sigma_min, base.sigma_max
+
+    def scalings(self, sigma):
+        b_skip, b_out, b_in = self.base.scalings(sigma)
+        sd2, shifted = self.sigma_data**2, sigma - self.sigma_min  # exactly 0 at sigma_min (same float32 rounding)
+        c_skip = sd2 / (shifted**2 + sd2)
+        r = shifted / sigma  # c_out / c_out_edm
+        return c_skip + r * (b_skip - sd2 / (sigma**2 + sd2)), r * b_out, b_in
+
+    def c_noise(self, sigma):
+        return self.base.c_noise(sigma)
+
+    def sample_sigma(self, n, generator, device):
+        return self.base.sample_sigma(n, generator, device)
+
+    def loss_weight(self, sigma):
+        return torch.ones_like(sigma)
+
+    def sampling_sigmas(self, steps, spacing=None, rho=7.0):
+        return self.base.sampling_sigmas(steps, spacing or self.default_spacing, rho)
+
+    def prior_std(self, sigma_max):
+        return self.base.prior_std(sigma_max)
+
+    def default_steps(self, sampler):
+        return 1 if sampler == "consistency" else self.base.default_steps(sampler)
+
+    def config(self):
+        return {"kind": self.kind, "sigma_data": self.sigma_data, "base": self.base.config()}
+
+
 def parameterization_from_config(config: dict) -> Parameterization:
     """Rebuild a parameterization from its :meth:`Parameterization.config` JSON (one-line errors)."""
     config = dict(config)
@@ -219,10 +277,12 @@ def parameterization_from_config(config: dict) -> Parameterization:
             return VPParameterization(schedule, **config)
         if kind == "edm":
             return EDMParameterization(**config)
+        if kind == "consistency":
+            return ConsistencyParameterization(parameterization_from_config(config.pop("base")), **config)
     except (KeyError, TypeError) as e:
         raise DifflabError(f"the {kind} parameterization in the model config is incomplete or has unknown "
                            f"fields: {e}") from None
-    raise DifflabError(f"unknown parameterization {kind!r} (choose from {', '.join(PARAMETERIZATIONS)})")
+    raise DifflabError(f"unknown parameterization {kind!r} (choose from {', '.join(PARAMETERIZATIONS)}, consistency)")
 
 
 class Denoiser(nn.Module):

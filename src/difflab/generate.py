@@ -60,9 +60,27 @@ def sampler_options(sampler: str, options: dict) -> dict:
     return options
 
 
+def check_sigmas(sigmas, param) -> torch.Tensor:
+    """An explicit sampling grid as float64 (steps + 1,), ending with 0 (added when missing), strictly decreasing,
+    inside the model's noise range (one-line errors)."""
+    grid = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    if len(grid) == 0 or not bool(torch.isfinite(grid).all()):
+        raise DifflabError("--sigmas must be finite numbers, e.g. 80,0.8")
+    if grid[-1] != 0:
+        grid = torch.cat([grid, grid.new_zeros(1)])
+    if len(grid) < 2 or not bool((grid[:-1] > grid[1:]).all()):
+        raise DifflabError(f"--sigmas must be strictly decreasing and positive, got {[float(s) for s in sigmas]}")
+    if grid[0] > param.sigma_max * (1 + 1e-6):
+        raise DifflabError(f"--sigmas start at {float(grid[0]):g}, above the model's largest noise level "
+                           f"{param.sigma_max:g}")
+    return grid
+
+
 def default_guidance_scale(model: Model) -> float:
     """The classifier-free guidance scale a conditional model samples with unless told: 3 when it learned its null
     condition (label or caption dropout > 0), else 1 -- plain conditional sampling."""
+    if model.distillation and model.distillation.get("guidance_scale") is not None:
+        return 1.0  # guidance is folded into the distilled model
     return 3.0 if model.conditioner.trained_null else 1.0
 
 
@@ -99,7 +117,7 @@ def guide(model: Model, *, guidance_scale: float | None = None, guidance_rescale
 
 @torch.no_grad()
 def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
-             rho: float = 7.0, seed: int = 0, batch_size: int = 256, clip: bool | None = None,
+             rho: float = 7.0, sigmas: list[float] | torch.Tensor | None = None, seed: int = 0, batch_size: int = 256, clip: bool | None = None,
              threshold: float | None = None, cond: Cond = None, prompts: list[str] | None = None,
              guidance_scale: float | None = None, guidance_rescale: float = 0.0, negative_prompt: str | None = None,
              classifier: NoisyClassifier | None = None, classifier_scale: float = 1.0, progress: bool = False,
@@ -108,7 +126,8 @@ def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | N
 
     ``sampler``, ``steps`` and ``spacing`` default to the model's own choice (DDIM, 50 steps, uniform for a DDPM;
     Heun, 18 steps, Karras for EDM; ``ddpm`` takes all T steps); ``spacing`` picks the sigma grid (uniform,
-    trailing, leading, karras with ``rho``). ``clip`` clamps the x0 estimate to [-1, 1] (default: in pixel space
+    trailing, leading, karras with ``rho``); ``sigmas`` gives the noise levels instead (decreasing; a final 0 is
+    added when missing), e.g. the multistep consistency sampler's [80, 0.8]. ``clip`` clamps the x0 estimate to [-1, 1] (default: in pixel space
     only), ``threshold`` (a percentile such as 0.995) applies dynamic thresholding instead. ``cond`` holds one
     condition per image (class labels, or encoded prompts); a text-to-image model takes ``prompts`` (one per image)
     instead, encoded once here. With a conditional model ``guidance_scale`` turns on classifier-free
@@ -120,13 +139,20 @@ def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | N
     if n < 1:
         raise DifflabError(f"the number of images must be at least 1, got {n}")
     param = model.parameterization
-    sampler = sampler or param.default_sampler
+    if sigmas is not None:  # an explicit grid: its length is the number of steps
+        sigmas = check_sigmas(sigmas, param)
+        if steps is not None and steps != len(sigmas) - 1:
+            raise DifflabError(f"{len(sigmas) - 1} steps on the given sigmas, but steps={steps}")
+        steps = len(sigmas) - 1
+    sampler, steps, spacing = model.sampling(sampler, steps, spacing)
     sample_fn = get_sampler(sampler)
     sampler_options(sampler, options)
     if batch_size < 1:
         raise DifflabError(f"the batch size must be at least 1, got {batch_size}")
-    steps = param.default_steps(sampler) if steps is None else steps
-    sigmas = param.sampling_sigmas(steps, spacing, rho)
+    why = model.sampling_mismatch(sampler, steps, spacing, guidance_scale)
+    if why:
+        warnings.warn(why, stacklevel=2)
+    sigmas = param.sampling_sigmas(steps, spacing, rho) if sigmas is None else sigmas
     if prompts is not None:
         if not model.takes_prompts:
             raise DifflabError("prompts need a text-to-image model (train one with --text-encoder)")

@@ -87,6 +87,47 @@ class Model:
         """Whether it is a text-to-image model (conditioned on prompts)."""
         return isinstance(self.conditioner, TextConditioner)
 
+    @property
+    def distillation(self) -> dict | None:
+        """What a distilled model was distilled for (``difflab distill``): method, teacher, sampler, steps, spacing,
+        the guidance scale folded in; None for a model trained directly."""
+        return self.config.get("distillation")
+
+    def sampling(self, sampler: str | None = None, steps: int | None = None, spacing: str | None = None
+                 ) -> tuple[str, int, str | None]:
+        """(sampler, steps, spacing) with what is not given filled in: a distilled model's own settings (DDIM at the
+        step count it was distilled to, on its trailing grid; the consistency sampler in one step), else its
+        parameterization's defaults (spacing None: the parameterization's)."""
+        made_for = self.distillation
+        sampler = sampler or (made_for["sampler"] if made_for else self.parameterization.default_sampler)
+        if made_for and sampler == made_for["sampler"]:
+            return sampler, made_for["steps"] if steps is None else steps, spacing or made_for["spacing"]
+        return sampler, self.parameterization.default_steps(sampler) if steps is None else steps, spacing
+
+    def sampling_mismatch(self, sampler: str, steps: int, spacing: str | None, guidance_scale: float | None = None
+                          ) -> str | None:
+        """Why the settings do not suit a distilled model (None when they do, or for an undistilled model): a
+        progressive student learned one grid and a consistency model one map, and other settings degrade them."""
+        made_for = self.distillation
+        if not made_for:
+            return None
+        want = f"{made_for['sampler']} with {made_for['steps']} step(s) on the {made_for['spacing']} grid"
+        if made_for["method"] == "progressive":
+            if sampler not in ("ddim", "euler") or steps != made_for["steps"] or (spacing or made_for["spacing"]) != \
+                    made_for["spacing"]:
+                return (f"this student was distilled for {want} (progressive distillation: each step replaces "
+                        f"{made_for['teacher_steps'] // made_for['steps']} of its teacher's); {sampler} with {steps} "
+                        "step(s) uses it on noise levels it was not trained for and gives worse images than the "
+                        f"teacher would (sample the teacher {made_for['teacher']} for that)")
+        elif sampler != "consistency":
+            return (f"this is a consistency model: it maps noise straight to an image and is sampled with "
+                    f"--sampler consistency (1 step, or a few on --sigmas); {sampler} treats it as a denoiser it is "
+                    "not")
+        if guidance_scale not in (None, 1.0) and made_for.get("guidance_scale") is not None:
+            return (f"guidance (scale {made_for['guidance_scale']:g}) is folded into this distilled model; guiding it "
+                    f"again with scale {guidance_scale:g} applies guidance twice (use 1)")
+        return None
+
     def to(self, device: torch.device | str) -> Model:
         self.denoiser.to(device)
         self.encoder.to(device)

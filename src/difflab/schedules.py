@@ -167,14 +167,22 @@ def sampling_timesteps(T: int, steps: int, spacing: str = "uniform") -> torch.Te
     return ts.sort(descending=True).values
 
 
-def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0, *,
+                  trailing: bool = False) -> torch.Tensor:
     """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
-    i = 0 .. N-1, then 0. rho = 7 spends more steps at low noise, where detail forms. (steps + 1,) float64."""
+    i = 0 .. N-1, then 0. rho = 7 spends more steps at low noise, where detail forms. (steps + 1,) float64.
+
+    ``trailing`` uses i/N instead of i/(N-1): the grid stops one step short of sigma_min before jumping to 0, like
+    trailing timesteps; then every N-step grid is every other point of the 2N-step one (progressive distillation
+    needs grids that nest)."""
     if steps < 1:
         raise DifflabError(f"the number of sampling steps must be at least 1, got {steps}")
     if not 0 < sigma_min < sigma_max:
         raise DifflabError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+    if trailing:
+        ramp = torch.arange(steps, dtype=torch.float64) / steps
+    else:
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
     inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     sigmas = (inv_max + ramp * (inv_min - inv_max)) ** rho
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 from difflab import __version__
 from difflab.cli import evaluate, sample, train
@@ -39,7 +40,13 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings from the library read as one line on the command line, as errors do (no file and line)."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

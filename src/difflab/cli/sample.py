@@ -13,7 +13,7 @@ from difflab import distributed
 from difflab.conditioning import cond_len, cond_repeat_interleave, parse_classes, read_prompts
 from difflab.devices import autocast
 from difflab.errors import DifflabError
-from difflab.generate import default_guidance_scale, generate_sharded
+from difflab.generate import check_sigmas, default_guidance_scale, generate_sharded
 from difflab.models import Model, load_classifier, load_model
 from difflab.samplers import SAMPLERS
 from difflab.viz import save_grid, to_pil
@@ -36,6 +36,11 @@ text-to-image models (difflab train --text-encoder ...):
   difflab sample runs/shapes --prompt "a red circle to the left of a blue square" --guidance-scale 5 -n 8
   difflab sample runs/shapes --prompts prompts.txt --negative-prompt "a green square" --sampler dpmpp_2m --steps 20
 guidance scale w: 0 = unconditional, 1 = conditional, >1 trades diversity for fidelity.
+distilled models (difflab distill ...) sample with their own settings unless told otherwise:
+  difflab sample runs/digits-progressive                   # DDIM at the step count it was distilled to
+  difflab sample runs/digits-progressive/stage_8_steps     # an earlier stage of the same run
+  difflab sample runs/digits-consistency                   # the consistency sampler, 1 step
+  difflab sample runs/digits-consistency --sigmas 157,2.5  # 2 steps: denoise, re-noise to 2.5, denoise
 
 DDIM with eta = 0 is deterministic (Euler on the probability-flow ODE); eta = 1 is DDPM's ancestral step.
 The same --seed gives the same images whatever the batch size; image i uses seed + i."""
@@ -48,9 +53,11 @@ def add_parser(sub) -> None:
                        epilog=EPILOG_SAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run folder (its newest checkpoint) or a checkpoint folder")
     p.add_argument("--sampler", default=None, help="a sampler from `difflab samplers` (default: the model's: ddim for "
-                   "DDPM-style models, heun for EDM)")
+                   "DDPM-style models, heun for EDM; a distilled model's own: ddim at its step count, consistency)")
     p.add_argument("--steps", type=int, default=None, help="grid steps (default: the model's: T for ddpm, 50 otherwise; "
-                   "18 for EDM; NFE can differ)")
+                   "18 for EDM; a distilled model's step count; NFE can differ)")
+    p.add_argument("--sigmas", default=None, metavar="LIST", help="explicit noise levels instead of --steps/--spacing, "
+                   "comma-separated and decreasing, e.g. 80,0.8 for a 2-step consistency sample")
     p.add_argument("--spacing", default=None, choices=["uniform", "trailing", "leading", "karras"],
                    help="the sigma grid: a subsequence of the model's timesteps, or Karras et al.'s rho=7 spacing "
                         "(default: the model's: uniform for DDPM-style models, karras for EDM)")
@@ -136,10 +143,11 @@ def run_sample(args: argparse.Namespace) -> int:
         # before the sampling, which can take hours, not after it (rank 0 writes; every rank learns of a failure)
         distributed.main_first(lambda: _check_writable(out, "" if args.out else " (give --out FOLDER to write "
                                                                                   "elsewhere)"))
-        sampler = args.sampler or param.default_sampler
-        steps = args.steps if args.steps is not None else param.default_steps(sampler)
+        sigmas = _parse_sigmas(args.sigmas, param)
+        sampler, steps, spacing = model.sampling(args.sampler, len(sigmas) - 1 if sigmas is not None else args.steps,
+                                                 args.spacing)
         with autocast(model.device):
-            images = generate_sharded(model, total, sampler=sampler, steps=steps, spacing=args.spacing,
+            images = generate_sharded(model, total, sampler=sampler, steps=steps, spacing=spacing, sigmas=sigmas,
                                       rho=args.rho, seed=args.seed, batch_size=args.batch_size,
                                       clip=False if args.no_clip else None, threshold=args.threshold,
                                       progress=not args.quiet and info.is_main, stats=stats, **given, **guidance,
@@ -147,6 +155,7 @@ def run_sample(args: argparse.Namespace) -> int:
         if not info.is_main:
             return 0
         extras = {"spacing": args.spacing if args.spacing not in (None, param.default_spacing) else None,
+                  "sigmas": "-".join(f"{v:g}" for v in sigmas[:-1].tolist()) if sigmas is not None else None,
                   "threshold": args.threshold, "weights": args.weights if args.weights != "ema" else None,
                   "noclip": True if args.no_clip else None,
                   "class": args.classes.replace(",", "+").replace("/", "-").replace(" ", "") if args.classes else None,
@@ -160,6 +169,17 @@ def run_sample(args: argparse.Namespace) -> int:
         print(f"{len(images)} images, {stats['nfe']} network evaluations (NFE) each, {seconds:.1f} s "
               f"({seconds / len(images) * 1000:.1f} ms/image) -> " + ", ".join(str(w) for w in written))
     return 0
+
+
+def _parse_sigmas(text: str | None, param) -> torch.Tensor | None:
+    """--sigmas 80,0.8 -> the checked grid (float64, ending with 0)."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DifflabError(f"--sigmas must be comma-separated numbers, e.g. 80,0.8, got '{text}'") from None
+    return check_sigmas(values, param)
 
 
 def _run_folder(model: Model) -> Path:

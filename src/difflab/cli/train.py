@@ -27,7 +27,7 @@ def _add_flags(group, config_class: type, defaults: dict) -> None:
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
         kinds = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
-        if kinds[0] is dict:
+        if kinds[0] is dict or f.metadata.get("positional"):
             continue
         default = defaults.get(f.name, f.default)
         text = f.metadata["help"] + ("" if default is None else f" (default: {default})")
@@ -42,6 +42,10 @@ def add_parsers(sub) -> None:
     for command, task in TASKS.items():
         p = sub.add_parser(command, help=task.summary, description=task.description, epilog=task.examples,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        if task.positional:
+            field = next(f for f in dataclasses.fields(task.config_class) if f.name == task.positional)
+            p.add_argument(task.positional, nargs="?", default=argparse.SUPPRESS, metavar=field.metadata["metavar"],
+                           help=field.metadata["help"])
         p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (flags override it)")
         p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its newest checkpoint")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name")

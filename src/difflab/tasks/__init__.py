@@ -6,6 +6,7 @@ one flag per setting, resume, torchrun, EMA, interrupts and checkpoints.
 """
 
 from difflab.tasks.diffusion import DiffusionConfig, DiffusionTask, train
+from difflab.tasks.distill import DistillConfig, DistillTask, distill
 from difflab.tasks.noisy_classifier import NoisyClassifierConfig, NoisyClassifierTask, train_classifier
 from difflab.tasks.vae import VAEConfig, VAETask, train_vae
 
@@ -14,7 +15,8 @@ TASKS = {
     "train": DiffusionTask,
     "train-classifier": NoisyClassifierTask,
     "train-vae": VAETask,
+    "distill": DistillTask,
 }
 
-__all__ = ["TASKS", "DiffusionConfig", "DiffusionTask", "NoisyClassifierConfig", "NoisyClassifierTask", "VAEConfig",
+__all__ = ["TASKS", "DiffusionConfig", "DiffusionTask", "DistillConfig", "DistillTask", "distill", "NoisyClassifierConfig", "NoisyClassifierTask", "VAEConfig",
            "VAETask", "train", "train_classifier", "train_vae"]

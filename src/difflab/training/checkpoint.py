@@ -157,31 +157,42 @@ def save_checkpoint(
     except OSError as e:
         raise CheckpointWriteError(f"cannot write a checkpoint in {root}: {_first_line(e)}") from None
     check_free_space(root, checkpoint_nbytes(*files.values()))
-    try:
-        tmp.mkdir()
-        for name, tensors in files.items():  # one file on the CPU at a time
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / name)
-        write_json(tmp / "state.json", {"step": step, **state_json})
-        write_json(tmp / "config.json", config)
-        for f in tmp.iterdir():  # flush the weights too before the rename makes the checkpoint visible
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        _replace_folder(tmp, final)
-    except BaseException as e:  # a full disk, an I/O error, Ctrl-C: never leave a half checkpoint behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(e, Exception):
-            raise
-        raise CheckpointWriteError(f"could not write checkpoint {final}: {_first_line(e)}") from e
-    try:
-        _fsync_dir(root)
-    except OSError:  # the checkpoint is complete; only its survival of a power cut is less certain
-        pass
+    write_folder(final, files, {"state.json": {"step": step, **state_json}, "config.json": config}, tmp=tmp)
     if keep > 0:
         older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < step]
         for old in older[: max(0, len(older) - (keep - 1))]:
             _remove_folder(old)
     return final
+
+
+def write_folder(final: Path, files: dict[str, dict[str, torch.Tensor]], jsons: dict[str, object], *,
+                 tmp: Path | None = None) -> None:
+    """Write safetensors ``files`` (name -> tensors) and JSON files into ``final`` atomically: into a temporary
+    sibling folder, flushed, then renamed (an existing ``final`` is replaced only once the new one is complete).
+    Raises :class:`CheckpointWriteError`; a failed write leaves nothing behind."""
+    tmp = tmp or final.with_name(f".tmp-{final.name}")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name, tensors in files.items():  # one file on the CPU at a time
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / name)
+        for name, obj in jsons.items():
+            write_json(tmp / name, obj)
+        for f in tmp.iterdir():  # flush the weights too before the rename makes the folder visible
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        _replace_folder(tmp, final)
+    except BaseException as e:  # a full disk, an I/O error, Ctrl-C: never leave a half folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, Exception):
+            raise
+        raise CheckpointWriteError(f"could not write {final}: {_first_line(e)}") from e
+    try:
+        _fsync_dir(final.parent)
+    except OSError:  # the folder is complete; only its survival of a power cut is less certain
+        pass
 
 
 def _remove_folder(folder: Path) -> None:

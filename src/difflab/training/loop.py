@@ -13,6 +13,7 @@ metrics and the stop flag), the learning-rate schedule, autocast, clipping, the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -100,6 +101,13 @@ def configure(task_class: type[Task], config: dict | None, resume, overrides: di
                    if overrides.get(k) is not None and value(k, run, cfg) != value(k, old_run, old_cfg)]
         if changed:
             raise DifflabError(f"cannot change {', '.join(changed)} when resuming a run")
+    derived = task_class.derived_run_settings(cfg)  # e.g. distillation: --steps from the stages
+    given = {**(config or {}), **overrides}
+    clash = [k for k, v in derived.items() if given.get(k) is not None and given[k] != v]
+    if clash:
+        raise DifflabError(f"--{clash[0].replace('_', '-')} is set by the other settings of {task_class.command} "
+                           f"(here {derived[clash[0]]}): {task_class.derived_help}")
+    run = dataclasses.replace(run, **derived)
     check_run(run)
     task_class.check(run, cfg)
     return run, cfg, resume
@@ -145,6 +153,7 @@ def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
                      torch.optim.AdamW(net.parameters(), lr=run.lr, weight_decay=run.weight_decay,
                                        fused=ctx.device.type == "cuda" or None),
                      torch.Generator(device=ctx.device).manual_seed(run.seed + 1))
+    task.emas = state.emas  # a task that learns from its own EMA (a consistency model's target network) reads it
     lock = None  # the run folder's lock (main process): one writer per folder, held to the end
     try:
         if resume is not None:
@@ -247,6 +256,7 @@ def _loop(task: Task, state: RunState) -> None:
             stop_agreed = _update(task, state, loss, metrics, stop.requested)
             bar.update(1)
             done = state.step
+            task.after_step(done)  # before any checkpoint of this step: what it changes is saved with it
             if done % run.log_every == 0 or done == run.steps:  # every process keeps the same sums; main writes
                 row = _log_row(state, run)
                 ctx.log(row)

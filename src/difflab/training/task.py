@@ -18,6 +18,12 @@ labels)`` the same way):
         def show(self, step, ema): ...                 # optional: a progress picture (sample grid, ...)
         def evaluate(self, step, ema): ...             # optional: metrics of the EMA model, logged as eval_*
         def finish(self, ema): ...                     # optional: after the final checkpoint (accuracy table, ...)
+        def after_step(self, step): ...                # optional: after each optimizer step (a distillation stage ends)
+        @classmethod
+        def derived_run_settings(cls, config): ...     # optional: shared settings it derives (distill: steps)
+
+The loop sets ``task.emas`` (name -> EMA module, "ema" first) before the first step, for a task whose loss reads an
+EMA (the target network of consistency distillation); resuming restores them in place.
 
 Registering it in :data:`difflab.tasks.TASKS` gives it a ``difflab`` command with one flag per setting.
 """
@@ -94,6 +100,9 @@ class Task:
     description: ClassVar[str] = ""       # ... and at the top of the command's --help
     examples: ClassVar[str] = ""          # ... and at the bottom
     report: ClassVar[str] = "{run}"       # printed when training ends ({run}: the run folder, {run_arg}: shell-quoted)
+    positional: ClassVar[str | None] = None   # a setting given as the command's argument (distill: the teacher)
+    derived_help: ClassVar[str] = ""      # why derived_run_settings() fixes what it fixes (in the error)
+    emas: dict[str, nn.Module]            # set by the loop before the first step
 
     def __init__(self, run: RunConfig, config, ctx: Context):
         self.run, self.config, self.ctx = run, config, ctx
@@ -101,6 +110,15 @@ class Task:
     @classmethod
     def check(cls, run: RunConfig, config) -> None:
         """One-line errors for settings out of range, before any work is done."""
+
+    @classmethod
+    def derived_run_settings(cls, config) -> dict:
+        """Shared settings (RunConfig fields) that follow from the task's own settings; giving another value is an
+        error (distillation derives --steps from its stages)."""
+        return {}
+
+    def after_step(self, step: int) -> None:
+        """After optimizer step ``step`` (called on every process, before that step's checkpoint)."""
 
     def setup(self) -> nn.Module:
         """Load the data and build the network to train (on ``ctx.device``). May replace ``self.run`` and
