@@ -225,3 +225,19 @@ def test_eval_vae_measures_reconstructions(vae_run, tmp_path, capsys):
     with pytest.raises(DifflabError):
         difflab.load_autoencoder(tmp_path / "nothing-here", device="cpu")
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_a_latent_model_distils_both_ways(vae_run, tmp_path):
+    """Progressive and consistency distillation of a latent teacher: the students carry the autoencoder and sample."""
+    teacher = difflab.train(vae=str(vae_run), steps=2, out=str(tmp_path), name="latent", **UNET)
+    small = dict(updates=2, convert_updates=1, batch_size=32, num_samples=4, sample_every=0, progress=False,
+                 out=str(tmp_path))
+    for run in (difflab.distill(teacher, from_steps=4, to_steps=2, **small),
+                difflab.distill(teacher, method="consistency", grid_points=4, **small)):
+        assert (list_checkpoints(run)[-1] / "vae.safetensors").is_file()
+        model = difflab.load_model(run, device="cpu")
+        assert isinstance(model.encoder, LatentEncoder) and model.distillation is not None
+        stats = {}
+        images = difflab.generate(model, 2, stats=stats)
+        assert images.shape == (2, 1, 8, 8) and stats["nfe"] == model.distillation["steps"]
+    assert {p.name for p in tmp_path.glob("latent-progressive/stage_*")} == {"stage_4_steps", "stage_2_steps"}

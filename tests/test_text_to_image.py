@@ -17,7 +17,7 @@ from difflab.data.shapes import prompts as shape_prompts
 from difflab.denoisers import Denoiser, VPParameterization
 from difflab.encoders import PixelEncoder
 from difflab.errors import DifflabError
-from difflab.generate import guide
+from difflab.generate import default_guidance_scale, guide
 from difflab.guidance import classifier_free_guidance
 from difflab.models import Model
 from difflab.nn.text import HFTextEncoder, ScratchTextEncoder
@@ -235,3 +235,16 @@ def test_torchrun_trains_a_text_model_like_one_process(tmp_path):
                 for r in ("ddp", "one"))
         diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
         assert diff.max() < 2e-4 and (diff > 1e-5).float().mean() < 1e-3, (which, diff.max())
+
+
+def test_a_text_model_distils_with_guidance_folded_in(tmp_path):
+    teacher = difflab.train(dataset="shapes", text_encoder="scratch", steps=2, out=str(tmp_path), name="text", **TINY)
+    run = difflab.distill(teacher, method="consistency", guidance_scale=2.0, updates=2, convert_updates=1,
+                          grid_points=4, batch_size=16, num_samples=4, progress=False, out=str(tmp_path))
+    model = difflab.load_model(run, device="cpu")
+    assert model.takes_prompts and model.distillation["guidance_scale"] == 2.0
+    assert default_guidance_scale(model) == 1.0  # guidance is in the student
+    images = difflab.sample(model, 2, prompts=["a red circle"])
+    assert images.shape == (2, 3, 16, 16)
+    with pytest.warns(UserWarning, match="folded into this distilled model"):
+        difflab.sample(model, 1, prompts=["a red circle"], guidance_scale=3.0)

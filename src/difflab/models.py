@@ -119,7 +119,7 @@ class Model:
                         f"{made_for['teacher_steps'] // made_for['steps']} of its teacher's); {sampler} with {steps} "
                         "step(s) uses it on noise levels it was not trained for and gives worse images than the "
                         f"teacher would (sample the teacher {made_for['teacher']} for that)")
-        elif sampler != "consistency":
+        elif made_for["method"] == "consistency" and sampler != "consistency":
             return (f"this is a consistency model: it maps noise straight to an image and is sampled with "
                     f"--sampler consistency (1 step, or a few on --sigmas); {sampler} treats it as a denoiser it is "
                     "not")

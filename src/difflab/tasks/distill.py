@@ -41,7 +41,8 @@ from difflab.denoisers import (
 from difflab.devices import autocast
 from difflab.distillation import TEACHER_SOLVERS, consistency_grid, consistency_loss, progressive_loss, teacher_step
 from difflab.errors import DifflabError
-from difflab.generate import generate_sharded, guide
+from difflab.generate import generate_sharded
+from difflab.guidance import classifier_free_guidance
 from difflab.models import MODEL_FORMAT, Model, load_model, upgrade_config
 from difflab.tasks.diffusion import DiffusionConfig, DiffusionTask
 from difflab.training import loop
@@ -60,6 +61,8 @@ from difflab.viz import save_grid
 
 METHODS = ("progressive", "consistency")
 DEFAULT_UPDATES = {"progressive": 1000, "consistency": 3000}
+DEFAULT_CONVERT_UPDATES = 1000  # consistency: the conversion stage before it
+DEFAULT_CONVERT_STEPS = 64      # consistency: the DDIM grid the conversion stage trains on
 TEACHER_DATA = "teacher"  # --dataset default: the data the teacher was trained on
 
 
@@ -72,15 +75,18 @@ class DistillConfig:
                                   positional=True)
     method: str = setting("progressive", "progressive (Salimans & Ho 2022: halve the DDIM steps stage by stage) or "
                                          "consistency (Song et al. 2023: a 1-step consistency model)", frozen=True)
-    updates: int | None = setting(None, "optimizer updates per stage (progressive: each halving, and the eps -> v "
-                                        "conversion; default 1000) or in all (consistency; default 3000)", frozen=True,
-                                  metavar="N")
+    updates: int | None = setting(None, "optimizer updates per stage (progressive: each halving; default 1000) or of "
+                                        "the consistency model (default 3000)", frozen=True, metavar="N")
+    convert_updates: int | None = setting(None, "updates of the conversion stage that first teaches the student its "
+                                                "new prediction type (an eps teacher's v student; default: --updates "
+                                                "for progressive, 1000 for consistency)", frozen=True, metavar="N")
     to_steps: int = setting(4, "progressive: the final student's DDIM steps", frozen=True, metavar="N")
     from_steps: int = setting(64, "progressive: the teacher's DDIM steps the first halving starts from (--to-steps "
                                   "times a power of 2)", frozen=True, metavar="N")
-    student_prediction: str | None = setting(None, "progressive, vp teachers: what the student predicts, v or x0 "
-                                                   "(default: v for an eps teacher, else the teacher's; eps students "
-                                                   "are unstable at few steps, Salimans & Ho §4)", frozen=True,
+    student_prediction: str | None = setting(None, "vp teachers: what the student predicts, v or x0 (default: v "
+                                                   "for an eps teacher, else the teacher's; eps students are unstable "
+                                                   "at few steps, Salimans & Ho §4: x0 = x - sigma eps amplifies "
+                                                   "errors by sigma, up to 157 on the linear schedule)", frozen=True,
                                              metavar="KIND")
     guidance_scale: float | None = setting(None, "conditional teachers: classifier-free guidance scale folded into the "
                                                  "student (the teacher's targets are guided; default: none, i.e. "
@@ -99,8 +105,9 @@ class DistillConfig:
 
 
 class Stage(NamedTuple):
-    steps: int   # the student's DDIM steps at the end of the stage
-    ratio: int   # teacher steps per student step: 2 (a halving) or 1 (a change of prediction type)
+    steps: int     # the student's DDIM steps at the end of the stage (1 for a consistency model)
+    ratio: int     # teacher steps per student step: 2 (a halving), 1 (a change of prediction type), 0 (consistency)
+    updates: int   # optimizer updates it trains
 
 
 class DistillBatch(NamedTuple):
@@ -111,9 +118,9 @@ class DistillBatch(NamedTuple):
     stage: int
 
 
-def teacher_files(teacher: str | Path) -> tuple[Path, dict, dict]:
-    """(checkpoint, its model config, the teacher run's flat training settings) of a teacher given as a run folder
-    or a checkpoint inside one; one-line errors for anything else."""
+def teacher_files(teacher: str | Path) -> tuple[Path, dict, dict, Path]:
+    """(checkpoint, its model config, the teacher run's flat training settings, its run folder) of a teacher given as
+    a run folder or a checkpoint inside one; one-line errors for anything else."""
     checkpoint = resolve_checkpoint(teacher)
     config = upgrade_config(read_config(checkpoint))
     if config.get("format") != MODEL_FORMAT:
@@ -131,7 +138,7 @@ def teacher_files(teacher: str | Path) -> tuple[Path, dict, dict]:
     if task != "diffusion":
         raise DifflabError(f"the teacher '{teacher}' was trained by '{task}', not by difflab train: distillation needs "
                            "a diffusion model trained by difflab train")
-    return checkpoint, config, settings
+    return checkpoint, config, settings, run_dir
 
 
 def student_prediction(cfg: DistillConfig, teacher_param: dict) -> str | None:
@@ -145,14 +152,18 @@ def student_prediction(cfg: DistillConfig, teacher_param: dict) -> str | None:
 
 
 def plan(cfg: DistillConfig, teacher_param: dict) -> list[Stage]:
-    """The stages of a distillation: progressive -- a conversion stage when the prediction type changes, then one
-    stage per halving from --from-steps to --to-steps; consistency -- one stage."""
-    if cfg.method == "consistency":
-        return [Stage(1, 0)]
-    halvings = cfg.from_steps // cfg.to_steps
+    """The stages of a distillation: a conversion stage when the prediction type changes (its target is the teacher's
+    own x0 estimate, one student step per teacher step), then progressive -- one stage per halving from --from-steps
+    to --to-steps -- or consistency -- one stage."""
+    updates = cfg.updates if cfg.updates is not None else DEFAULT_UPDATES[cfg.method]
     convert = teacher_param["kind"] == "vp" and student_prediction(cfg, teacher_param) != teacher_param["prediction"]
-    return [Stage(cfg.from_steps, 1)] * convert + [Stage(cfg.from_steps >> k, 2)
-                                                   for k in range(1, halvings.bit_length())]
+    conversion = cfg.convert_updates if cfg.convert_updates is not None else \
+        (updates if cfg.method == "progressive" else DEFAULT_CONVERT_UPDATES)
+    stages = [Stage(cfg.from_steps if cfg.method == "progressive" else DEFAULT_CONVERT_STEPS, 1, conversion)] * convert
+    if cfg.method == "consistency":
+        return stages + [Stage(1, 0, updates)]
+    halvings = cfg.from_steps // cfg.to_steps
+    return stages + [Stage(cfg.from_steps >> k, 2, updates) for k in range(1, halvings.bit_length())]
 
 
 class DistillTask(Task):
@@ -161,7 +172,7 @@ class DistillTask(Task):
     name, noun, command = "distill", "distillation", "difflab distill"
     config_class = DistillConfig
     positional = "teacher"
-    run_defaults = dict(dataset=TEACHER_DATA, lr=2e-4, warmup=50, ema_decay=0.995, checkpoint_every=500,
+    run_defaults = dict(dataset=TEACHER_DATA, lr=5e-4, warmup=50, ema_decay=0.995, checkpoint_every=500,
                         sample_every=0)
     summary = "distil a trained model into a 1-8 step student (progressive or consistency distillation)"
     description = ("Distil a diffusion model trained by difflab train into a student that samples in a few network "
@@ -188,17 +199,14 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
         if cfg.teacher is None or cfg.method not in METHODS:
             return {}  # check() says what is wrong
         cls._check_steps(cfg)
-        _, config, _ = teacher_files(cfg.teacher)
-        return {"steps": cls.updates(cfg) * len(plan(cfg, config["parameterization"]))}
-
-    @staticmethod
-    def updates(cfg: DistillConfig) -> int:
-        return cfg.updates if cfg.updates is not None else DEFAULT_UPDATES[cfg.method]
+        config = teacher_files(cfg.teacher)[1]
+        return {"steps": sum(stage.updates for stage in plan(cfg, config["parameterization"]))}
 
     @staticmethod
     def _check_steps(cfg: DistillConfig) -> None:
-        if cfg.updates is not None and cfg.updates < 1:
-            raise DifflabError(f"--updates must be at least 1, got {cfg.updates}")
+        for name in ("updates", "convert_updates"):
+            if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+                raise DifflabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
         if cfg.method != "progressive":
             return
         if cfg.to_steps < 1:
@@ -216,12 +224,12 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
         if cfg.method not in METHODS:
             raise DifflabError(f"--method must be one of {', '.join(METHODS)}, got '{cfg.method}'")
         cls._check_steps(cfg)
-        _, config, _ = teacher_files(cfg.teacher)
+        config = teacher_files(cfg.teacher)[1]
         param = config["parameterization"]
+        if cfg.student_prediction not in (None, "v", "x0"):
+            raise DifflabError(f"--student-prediction must be v or x0, got '{cfg.student_prediction}'")
+        student_prediction(cfg, param)
         if cfg.method == "progressive":
-            if cfg.student_prediction not in (None, "v", "x0"):
-                raise DifflabError(f"--student-prediction must be v or x0, got '{cfg.student_prediction}'")
-            student_prediction(cfg, param)
             if param["kind"] == "vp" and cfg.from_steps > param["timesteps"]:
                 raise DifflabError(f"--from-steps {cfg.from_steps} exceeds the teacher's {param['timesteps']} "
                                    "timesteps")
@@ -251,9 +259,9 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
 
     def setup(self) -> torch.nn.Module:
         cfg, ctx = self.config, self.ctx
-        checkpoint, config, settings = teacher_files(cfg.teacher)
+        checkpoint, config, settings, run_dir = teacher_files(cfg.teacher)
         self.teacher_source = str(Path(cfg.teacher).resolve())
-        self.folder_suffix = f"-{cfg.method}"
+        self.folder_base, self.folder_suffix = run_dir.name, f"-{cfg.method}"  # runs/digits -> runs/digits-progressive
         data_run = self.run
         if data_run.dataset == TEACHER_DATA:  # the teacher's data, as it saw it
             data_run = dataclasses.replace(data_run, **{k: settings[k] for k in ("dataset", "data_dir", "image_size",
@@ -271,8 +279,8 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
         self.teacher_model, self.student = teacher, net
         self.teacher_param = teacher.parameterization
         self.stages = plan(cfg, config["parameterization"])
-        self.param = self._student_parameterization()
-        self.per_stage = self.updates(cfg)
+        self.ends = [sum(s.updates for s in self.stages[:k + 1]) for k in range(len(self.stages))]  # last step of each
+        self.param = self._student_parameterization()  # what the student is in its final stage
         self.shard = ctx.shard(self.run.batch_size)
         self.grids: dict[int, torch.Tensor] = {}
         self.teacher_stage, self.teacher = None, None  # the denoiser the current stage learns from (set lazily)
@@ -285,13 +293,20 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
 
     def _student_parameterization(self) -> Parameterization:
         cfg, teacher = self.config, self.teacher_param
-        if cfg.method == "consistency":
-            sigma_data = cfg.sigma_data or (teacher.sigma_data if isinstance(teacher, EDMParameterization) else 0.5)
-            return ConsistencyParameterization(teacher, sigma_data)
+        base = teacher
         if isinstance(teacher, VPParameterization):
             prediction = student_prediction(cfg, {"kind": "vp", "prediction": teacher.prediction})
-            return VPParameterization(teacher.schedule, prediction)
-        return teacher
+            base = VPParameterization(teacher.schedule, prediction)
+        if cfg.method == "consistency":
+            sigma_data = cfg.sigma_data or (teacher.sigma_data if isinstance(teacher, EDMParameterization) else 0.5)
+            return ConsistencyParameterization(base, sigma_data)
+        return base
+
+    def param_of(self, stage: int) -> Parameterization:
+        """The student's parameterization in ``stage``: a conversion stage trains the consistency model's base."""
+        if self.stages[stage].ratio == 1 and isinstance(self.param, ConsistencyParameterization):
+            return self.param.base
+        return self.param
 
     def ema_decays(self) -> dict[str, float]:
         decays = {"ema": self.run.ema_decay}
@@ -307,7 +322,7 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
 
     def stage_of(self, step: int) -> int:
         """The stage that optimizer step ``step`` (0-based) trains."""
-        return min(step // self.per_stage, len(self.stages) - 1)
+        return next((k for k, end in enumerate(self.ends) if step < end), len(self.stages) - 1)
 
     def grid(self, steps: int) -> torch.Tensor:
         """The nested trailing grid of ``steps`` DDIM steps (steps + 1,) float32 on the device, ending with 0."""
@@ -317,16 +332,18 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
         return self.grids[steps]
 
     def stage_folder(self, stage: int) -> Path:
-        return self.ctx.run_dir / f"stage_{self.stages[stage].steps}_steps"
+        """stage_<N>_steps for a progressive stage; a consistency run's stage_conversion and stage_consistency."""
+        steps, ratio, _ = self.stages[stage]
+        if self.config.method == "consistency":
+            return self.ctx.run_dir / ("stage_consistency" if ratio == 0 else "stage_conversion")
+        return self.ctx.run_dir / f"stage_{steps}_steps"
 
     def _teacher_for(self, stage: int) -> DenoiserFn:
         """Stage 0 learns from the teacher (guided when asked); stage k from stage k-1's EMA, which after_step keeps
         in memory and a resumed run reads back from its stage folder (the same bits)."""
         if self.teacher_stage != stage:
-            if stage == 0 or self.config.method == "consistency":
-                model = self.teacher_model
-                self.teacher = guide(model, guidance_scale=self.config.guidance_scale) \
-                    if self.config.guidance_scale is not None else model.denoiser
+            if stage == 0 or self.stages[stage].ratio != 2:  # conversion and consistency learn from the teacher
+                self.teacher = self._guided(self.teacher_model.denoiser)
             else:
                 folder = self.stage_folder(stage - 1)
                 if not all((folder / f).is_file() for f in REQUIRED_FILES):
@@ -334,22 +351,35 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
                                        "written when the previous stage ends); restore it, or start over")
                 net = copy.deepcopy(self.student).requires_grad_(False).eval()
                 load_state(net, load_weights(folder, "ema"), folder)
-                self.teacher = Denoiser(net, self.param)
+                self.teacher = Denoiser(net, self.param_of(stage - 1))
             self.teacher_stage = stage
         return self.teacher
+
+    def _guided(self, teacher: DenoiserFn) -> DenoiserFn:
+        """The teacher with classifier-free guidance at --guidance-scale (Ho & Salimans eq. 6); its null condition in
+        the form the batches carry (token ids when the U-Net owns its text encoder, else what the conditioner makes)."""
+        w = self.config.guidance_scale
+        if w is None:
+            return teacher
+        conditioner = self.data_task.conditioner
+        if isinstance(conditioner, TextConditioner) and conditioner.in_unet:
+            null = conditioner.encoder.tokenize([""])
+        else:
+            null = self.teacher_model.conditioner.null(1)
+        return classifier_free_guidance(teacher, w, null_cond=null)
 
     def after_step(self, step: int) -> None:
         """At the end of a progressive stage: write stage_<N>_steps/ (EMA weights, config, sample grid); the EMA becomes
         the next stage's teacher and the student's new start (Salimans & Ho Alg. 2: the student starts as its
         teacher)."""
-        if self.config.method != "progressive" or step % self.per_stage:
+        if step not in self.ends:
             return
-        stage = step // self.per_stage - 1
+        stage = self.ends.index(step)
         ema = self.emas["ema"]
         self._write_stage(stage, ema)
-        if stage + 1 < len(self.stages):
+        if self.config.method == "progressive" and stage + 1 < len(self.stages):
             with torch.no_grad():
-                self.teacher = Denoiser(copy.deepcopy(ema).requires_grad_(False).eval(), self.param)
+                self.teacher = Denoiser(copy.deepcopy(ema).requires_grad_(False).eval(), self.param_of(stage))
                 self.teacher_stage = stage + 1
                 student = self.student
                 torch._foreach_copy_(list(student.parameters()), list(ema.parameters()))
@@ -379,8 +409,8 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
         b = self.data_task.batch(step, generator)  # this process's x0, noise and conds (its sigmas go unused)
         device, n = self.ctx.device, self.run.batch_size
         self.stage = stage = self.stage_of(step)
-        if self.config.method == "progressive":
-            steps, ratio = self.stages[stage]
+        if self.stages[stage].ratio:
+            steps, ratio, _ = self.stages[stage]
             fine = self.grid(steps * ratio)  # the teacher's grid; the student's is every ratio-th point
             i = torch.randint(0, steps, (n,), generator=generator, device=device)[self.shard] * ratio  # Alg. 2, l. 4
             sigmas = [fine[i + k] for k in range(ratio + 1)]
@@ -390,36 +420,39 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
         return DistillBatch(b.x0, b.noise, sigmas, b.cond, stage)
 
     def loss(self, net, b: DistillBatch):
-        student = Denoiser(net, self.param)
+        student = Denoiser(net, self.param_of(b.stage))
         teacher = self._teacher_for(b.stage)
         steps = torch.full_like(b.sigmas[0], float(self.stages[b.stage].steps))
-        if self.config.method == "progressive":
+        if self.stages[b.stage].ratio:
             return progressive_loss(student, teacher, b.x0, b.noise, b.sigmas, b.cond), {"student_steps": steps}
         target = Denoiser(self.emas["ema_target"], self.param)
         per = consistency_loss(student, target, teacher_step(teacher, self.config.teacher_solver), b.x0, b.noise,
                                b.sigmas[0], b.sigmas[1], b.cond, self.config.huber_c)
-        return per, {}
+        return per, {"student_steps": steps}
 
     # -------------------------------------------------------------------------------------------------------
     # what the student is
 
     def model_config(self) -> dict:
-        cfg, steps = self.config, self.stages[self.stage].steps
+        cfg, (steps, ratio, _) = self.config, self.stages[self.stage]
         config = self.data_task.model_config()
-        config["parameterization"] = self.param.config()
+        config["parameterization"] = self.param_of(self.stage).config()
         made_for = {"method": cfg.method, "teacher": self.teacher_source, "sampler": "ddim", "steps": steps,
-                    "spacing": "trailing", "guidance_scale": cfg.guidance_scale}
-        if cfg.method == "progressive":
-            made_for.update(teacher_steps=cfg.from_steps, stage=self.stage + 1, stages=len(self.stages))
-        else:
+                    "spacing": "trailing", "guidance_scale": cfg.guidance_scale, "stage": self.stage + 1,
+                    "stages": len(self.stages)}
+        if ratio == 0:
             made_for.update(sampler="consistency", grid_points=cfg.grid_points, teacher_solver=cfg.teacher_solver)
+        elif cfg.method == "progressive":
+            made_for.update(teacher_steps=cfg.from_steps)
+        else:  # the conversion stage of a consistency distillation: a v (or x0) model sampled like its teacher
+            made_for.update(method="conversion", teacher_steps=steps)
         config["distillation"] = made_for
         return config
 
     def model(self, ema: torch.nn.Module) -> Model:
         """The EMA student as a :class:`Model`, for sampling."""
         m = self.data_task.model(ema)  # prompts through the EMA's own text encoder when it has one
-        return Model(Denoiser(ema, self.param), m.encoder, m.conditioner, self.model_config())
+        return Model(Denoiser(ema, self.param_of(self.stage)), m.encoder, m.conditioner, self.model_config())
 
     def _grid(self, ema, paths: list[Path]) -> None:
         conditioner = self.data_task.conditioner

@@ -179,7 +179,7 @@ def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
                 return resume
         else:  # the main process picks (and numbers) the folder; the others learn its name, or its error
             def choose() -> tuple[str, RunLock]:
-                folder, folder_lock = prepare_run_dir(run, overwrite, task.folder_suffix)
+                folder, folder_lock = prepare_run_dir(run, overwrite, task.folder_suffix, task.folder_base)
                 return str(folder), folder_lock
 
             chosen, lock = distributed.main_first(choose) or (None, None)

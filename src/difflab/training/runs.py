@@ -33,13 +33,13 @@ def _holds_work(folder: Path) -> bool:
     return folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir())
 
 
-def prepare_run_dir(cfg, overwrite: bool, suffix: str = "") -> tuple[Path, RunLock]:
-    """A fresh run folder, locked for this process (see :mod:`difflab.training.lock`). A default name (the
-    dataset's, plus ``suffix``) is numbered when taken; an explicit one is never overwritten unless asked, and
+def prepare_run_dir(cfg, overwrite: bool, suffix: str = "", base: str | None = None) -> tuple[Path, RunLock]:
+    """A fresh run folder, locked for this process (see :mod:`difflab.training.lock`). A default name (``base``, else
+    the dataset's name, plus ``suffix``) is numbered when taken; an explicit one is never overwritten unless asked, and
     never while another process trains in it, so no earlier run is lost."""
     check_run_name(cfg.name)
     out = Path(cfg.out)
-    base = cfg.name or (Path(cfg.dataset.rstrip("/")).name or "run") + suffix
+    base = cfg.name or (base or Path(cfg.dataset.rstrip("/")).name or "run") + suffix
     k = 1
     while True:
         run = out / (base if k == 1 else f"{base}-{k}")
