@@ -215,3 +215,14 @@ def test_guidance_flag_edge_cases(cond_run, capsys):
     _one_line_error(capsys, ["sample", str(cond_run), "--classifier-scale", "2"], "--classifier")
     with pytest.raises(DifflabError, match="guidance-scale"):
         difflab.train(steps=1, conditional=True, guidance_scale=-1.0, progress=False, out="/nonexistent")
+
+
+def test_a_class_conditional_teacher_distils_with_guidance_folded_in(cond_run, tmp_path):
+    run = difflab.distill(cond_run, guidance_scale=3.0, from_steps=4, to_steps=2, updates=2, batch_size=32,
+                          num_samples=10, sample_every=0, progress=False, out=str(tmp_path))
+    model = load_model(run, device="cpu")
+    assert model.num_classes == 10 and model.distillation["guidance_scale"] == 3.0
+    stats = {}
+    images = difflab.sample(model, 2, classes="all", stats=stats)  # unguided by default: 1 evaluation per step
+    assert images.shape == (20, 1, 8, 8) and stats["nfe"] == 2
+    assert (run / "stage_2_steps" / "samples.png").is_file()

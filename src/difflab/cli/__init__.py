@@ -1,6 +1,6 @@
 """The ``difflab`` command line: thin, it only parses arguments and calls the library.
 
-    difflab train / train-classifier / train-vae   one command per training task (cli/train.py, from difflab.tasks.TASKS)
+    difflab train / train-classifier / train-vae / distill   one command per training task (cli/train.py, difflab.tasks.TASKS)
     difflab sample / samplers           cli/sample.py
     difflab eval / eval-vae             cli/evaluate.py
 

@@ -22,8 +22,9 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
 
 
-def _add_flags(group, config_class: type, defaults: dict) -> None:
-    """One flag per field (``model``-like dicts: config files only), with its default in the help."""
+def _add_flags(group, config_class: type, defaults: dict, derived: dict | None = None) -> None:
+    """One flag per field (``model``-like dicts: config files only), with its default in the help; ``derived``
+    fields (name -> why) are set by the task from its other settings."""
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
         kinds = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
@@ -31,6 +32,8 @@ def _add_flags(group, config_class: type, defaults: dict) -> None:
             continue
         default = defaults.get(f.name, f.default)
         text = f.metadata["help"] + ("" if default is None else f" (default: {default})")
+        if f.name in (derived or {}):
+            text = f"set by this command: {derived[f.name]}"
         if f.metadata.get("frozen"):
             text += "; fixed on --resume"
         extra = ({"type": _parse_bool, "nargs": "?", "const": True, "metavar": "BOOL"} if kinds[0] is bool
@@ -51,7 +54,7 @@ def add_parsers(sub) -> None:
         p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same --name")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         _add_flags(p.add_argument_group("run settings (every training command has them)"), RunConfig,
-                   task.run_defaults)
+                   task.run_defaults, {k: task.derived_help for k in task.derived_fields})
         _add_flags(p.add_argument_group(f"{task.noun} settings"), task.config_class, {})
         p.set_defaults(handler=run_task, task=task)
 

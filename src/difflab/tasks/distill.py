@@ -192,7 +192,9 @@ class DistillTask(Task):
 A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.png) for each finished stage;
 --steps is set by the stages: --updates times the number of stages."""
     report = "the student: {run} (difflab sample {run_arg}); stages and grids in {run}"
-    derived_help = "distillation trains --updates per stage (progressive) or --updates in all (consistency)"
+    derived_fields = ("steps",)
+    derived_help = ("the sum of the stages' updates: --updates per halving (progressive) or for the consistency model, "
+                    "plus --convert-updates when the student's prediction type changes")
 
     @classmethod
     def derived_run_settings(cls, cfg: DistillConfig) -> dict:

@@ -102,7 +102,8 @@ class Task:
     examples: ClassVar[str] = ""          # ... and at the bottom
     report: ClassVar[str] = "{run}"       # printed when training ends ({run}: the run folder, {run_arg}: shell-quoted)
     positional: ClassVar[str | None] = None   # a setting given as the command's argument (distill: the teacher)
-    derived_help: ClassVar[str] = ""      # why derived_run_settings() fixes what it fixes (in the error)
+    derived_fields: ClassVar[tuple[str, ...]] = ()   # the shared settings derived_run_settings() sets
+    derived_help: ClassVar[str] = ""      # ... and why (in --help and in the error)
     emas: dict[str, nn.Module]            # set by the loop before the first step
 
     def __init__(self, run: RunConfig, config, ctx: Context):
