@@ -79,6 +79,8 @@ def test_progressive_resumes_mid_stage_bit_identically(teacher, tmp_path):
             shutil.rmtree(checkpoint)
     for stage in ("stage_8_steps", "stage_4_steps"):
         shutil.rmtree(cut / stage)
+    assert (cut / "checkpoints" / "step_0000006" / "teacher.safetensors").is_file()  # stage 2's teacher travels along
+    shutil.rmtree(cut / "stage_16_steps")  # so the resumed run needs no stage folder
     difflab.distill(resume=cut, progress=False)
     for part in ("checkpoints/step_0000012", "stage_8_steps", "stage_4_steps"):
         for weights in ("model.safetensors", "ema.safetensors"):
@@ -157,3 +159,10 @@ def test_bad_input_is_one_line(teacher, tmp_path, one_line):
     one_line(["sample", str(run), "--sigmas", "1,2", "--quiet"], "--sigmas must be strictly decreasing")
     one_line(["sample", str(run), "--sigmas", "1,x", "--quiet"], "comma-separated numbers")
     one_line(["distill", str(run), "--out", str(tmp_path)], "trained by 'distill'")
+    one_line(["sample", str(run), "--sigmas", "80,0.001", "--quiet"], "within the model's noise levels")
+    one_line(["sample", str(run), "--sigmas", "80,1", "--steps", "2", "--quiet"], "leave out --steps")
+    one_line(["distill", t, "--lr-schedule", "cosine", "--out", str(tmp_path)], "constant rate")
+    no_null = difflab.train(steps=1, conditional=True, label_dropout=0.0, out=str(tmp_path), name="nonull", **FAST)
+    one_line(["distill", str(no_null), "--guidance-scale", "3", "--out", str(tmp_path)], "untrained")
+    with pytest.warns(UserWarning, match="and eta 0.5 uses it where it was not trained"):
+        difflab.sample(run, 1, eta=0.5)

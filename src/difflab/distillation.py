@@ -83,16 +83,6 @@ def progressive_loss(student: DenoiserFn, teacher: DenoiserFn, x0: torch.Tensor,
     return truncated_snr_weight(sigma) * err
 
 
-def nested_grid(base: torch.Tensor, steps: int) -> torch.Tensor:
-    """The ``steps``-step grid inside a finer nested grid ``base`` (from_steps + 1 sigmas ending with 0): every
-    k-th point, k = from_steps / steps. Trailing spacings nest exactly (:meth:`Parameterization.sampling_sigmas`
-    with spacing "trailing"), so this equals the ``steps``-step trailing grid."""
-    from_steps = len(base) - 1
-    if steps < 1 or from_steps % steps:
-        raise DifflabError(f"{steps} steps do not nest in a {from_steps}-step grid")
-    return base[:: from_steps // steps]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Consistency distillation (Song et al. 2023)
 

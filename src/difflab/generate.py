@@ -70,9 +70,9 @@ def check_sigmas(sigmas, param) -> torch.Tensor:
         grid = torch.cat([grid, grid.new_zeros(1)])
     if len(grid) < 2 or not bool((grid[:-1] > grid[1:]).all()):
         raise DifflabError(f"--sigmas must be strictly decreasing and positive, got {[float(s) for s in sigmas]}")
-    if grid[0] > param.sigma_max * (1 + 1e-6):
-        raise DifflabError(f"--sigmas start at {float(grid[0]):g}, above the model's largest noise level "
-                           f"{param.sigma_max:g}")
+    if grid[0] > param.sigma_max * (1 + 1e-6) or grid[-2] < param.sigma_min * (1 - 1e-6):
+        raise DifflabError(f"--sigmas must lie within the model's noise levels [{param.sigma_min:g}, "
+                           f"{param.sigma_max:g}] (then 0), got {[float(s) for s in sigmas]}")
     return grid
 
 
@@ -149,7 +149,8 @@ def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | N
     sampler_options(sampler, options)
     if batch_size < 1:
         raise DifflabError(f"the batch size must be at least 1, got {batch_size}")
-    why = model.sampling_mismatch(sampler, steps, spacing, guidance_scale)
+    why = model.sampling_mismatch(sampler, steps, "explicit sigmas" if sigmas is not None else spacing, guidance_scale,
+                                  options)
     if why:
         warnings.warn(why, stacklevel=2)
     sigmas = param.sampling_sigmas(steps, spacing, rho) if sigmas is None else sigmas

@@ -104,8 +104,8 @@ class Model:
             return sampler, made_for["steps"] if steps is None else steps, spacing or made_for["spacing"]
         return sampler, self.parameterization.default_steps(sampler) if steps is None else steps, spacing
 
-    def sampling_mismatch(self, sampler: str, steps: int, spacing: str | None, guidance_scale: float | None = None
-                          ) -> str | None:
+    def sampling_mismatch(self, sampler: str, steps: int, spacing: str | None, guidance_scale: float | None = None,
+                          options: dict | None = None) -> str | None:
         """Why the settings do not suit a distilled model (None when they do, or for an undistilled model): a
         progressive student learned one grid and a consistency model one map, and other settings degrade them."""
         made_for = self.distillation
@@ -114,11 +114,14 @@ class Model:
         want = f"{made_for['sampler']} with {made_for['steps']} step(s) on the {made_for['spacing']} grid"
         if made_for["method"] == "progressive":
             if sampler not in ("ddim", "euler") or steps != made_for["steps"] or (spacing or made_for["spacing"]) != \
-                    made_for["spacing"]:
-                return (f"this student was distilled for {want} (progressive distillation: each step replaces "
-                        f"{made_for['teacher_steps'] // made_for['steps']} of its teacher's); {sampler} with {steps} "
-                        "step(s) uses it on noise levels it was not trained for and gives worse images than the "
-                        f"teacher would (sample the teacher {made_for['teacher']} for that)")
+                    made_for["spacing"] or (options or {}).get("eta", 0):
+                eta = (options or {}).get("eta", 0)
+                asked = (f"{sampler} with {steps} step(s){f' and eta {eta:g}' if eta else ''}"
+                         f"{' on explicit sigmas' if spacing == 'explicit sigmas' else ''}")
+                return (f"this student was distilled for {want} and eta 0 (progressive distillation: each step "
+                        f"replaces {made_for['teacher_steps'] // made_for['steps']} of its teacher's); {asked} uses it "
+                        f"where it was not trained and gives worse images than the teacher would (sample the teacher "
+                        f"{made_for['teacher']} for that)")
         elif made_for["method"] == "consistency" and sampler != "consistency":
             return (f"this is a consistency model: it maps noise straight to an image and is sampled with "
                     f"--sampler consistency (1 step, or a few on --sigmas); {sampler} treats it as a denoiser it is "

@@ -144,6 +144,8 @@ def run_sample(args: argparse.Namespace) -> int:
         distributed.main_first(lambda: _check_writable(out, "" if args.out else " (give --out FOLDER to write "
                                                                                   "elsewhere)"))
         sigmas = _parse_sigmas(args.sigmas, param)
+        if sigmas is not None and (args.steps is not None or args.spacing is not None):
+            raise DifflabError("--sigmas gives the noise levels itself: leave out --steps and --spacing")
         sampler, steps, spacing = model.sampling(args.sampler, len(sigmas) - 1 if sigmas is not None else args.steps,
                                                  args.spacing)
         with autocast(model.device):

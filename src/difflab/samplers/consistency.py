@@ -6,9 +6,10 @@ levels tau_1 > tau_2 > ...:
 
     x = f(x_T, sigma_max);   for each tau_n:  x_tau = x + sqrt(tau_n^2 - sigma_min^2) z,  x = f(x_tau, tau_n)
 
-(sigma_min, the consistency model's smallest noise level, is about 0.002-0.01 and counted as 0 here: the
-difference in the added noise is below 1e-5 of tau). With an ordinary diffusion denoiser this is the
-"LCM" / "denoise then re-noise" sampler.
+(sigma_min, the consistency model's smallest noise level, 0.002 for EDM and about 0.01 for a DDPM schedule, is
+counted as 0 here: the noise added is tau instead of sqrt(tau^2 - sigma_min^2), larger by sigma_min^2 / (2 tau^2) of
+tau -- 5e-3 of it at tau = 0.1 on a DDPM schedule, 2e-6 at tau = 5). With an ordinary diffusion denoiser this is
+the "LCM" / "denoise then re-noise" sampler.
 """
 
 from __future__ import annotations

@@ -43,14 +43,15 @@ from difflab.distillation import TEACHER_SOLVERS, consistency_grid, consistency_
 from difflab.errors import DifflabError
 from difflab.generate import generate_sharded
 from difflab.guidance import classifier_free_guidance
-from difflab.models import MODEL_FORMAT, Model, load_model, upgrade_config
+from difflab.models import CLASSIFIER_FORMAT, MODEL_FORMAT, VAE_FORMAT, Model, load_model, upgrade_config
 from difflab.tasks.diffusion import DiffusionConfig, DiffusionTask
 from difflab.training import loop
 from difflab.training.checkpoint import (
     REQUIRED_FILES,
     CheckpointWriteError,
+    latest_valid_checkpoint,
     load_state,
-    load_weights,
+    load_tensors,
     read_config,
     resolve_checkpoint,
     write_folder,
@@ -124,8 +125,8 @@ def teacher_files(teacher: str | Path) -> tuple[Path, dict, dict, Path]:
     checkpoint = resolve_checkpoint(teacher)
     config = upgrade_config(read_config(checkpoint))
     if config.get("format") != MODEL_FORMAT:
-        kind = {"difflab-classifier-2": "a noise-aware classifier (difflab train-classifier)",
-                "difflab-vae-1": "an autoencoder (difflab train-vae)"}.get(config.get("format"), "not a difflab model")
+        kind = {CLASSIFIER_FORMAT: "a noise-aware classifier (difflab train-classifier)",
+                VAE_FORMAT: "an autoencoder (difflab train-vae)"}.get(config.get("format"), "not a difflab model")
         raise DifflabError(f"the teacher '{teacher}' is {kind}: distillation needs a diffusion model (difflab train)")
     if config["parameterization"].get("kind") == "consistency":
         raise DifflabError(f"the teacher '{teacher}' is a consistency model already: distil its own teacher instead")
@@ -253,6 +254,12 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
             if config.get("conditioner") is None:
                 raise DifflabError("--guidance-scale needs a class- or text-conditional teacher; this one is "
                                    "unconditional")
+            if not config["conditioner"].get("dropout") and cfg.guidance_scale != 1:
+                raise DifflabError("--guidance-scale: the teacher was trained without label or caption dropout, so its "
+                                   "null condition is untrained and guided targets would extrapolate from noise")
+        if cfg.method == "progressive" and run.lr_schedule != "constant":
+            raise DifflabError("--lr-schedule cosine would decay over all stages, leaving the last halvings (the "
+                               "hardest) almost no learning rate; progressive distillation uses a constant rate")
         if cfg.num_samples < 1:
             raise DifflabError(f"--num-samples must be at least 1, got {cfg.num_samples}")
 
@@ -262,7 +269,9 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
     def setup(self) -> torch.nn.Module:
         cfg, ctx = self.config, self.ctx
         checkpoint, config, settings, run_dir = teacher_files(cfg.teacher)
-        self.teacher_source = str(Path(cfg.teacher).resolve())
+        # pinned: the checkpoint distilled from, not whatever the teacher run's newest one is when this run resumes
+        self.config = cfg = dataclasses.replace(cfg, teacher=str(checkpoint.resolve()))
+        self.teacher_source = cfg.teacher
         self.folder_base, self.folder_suffix = run_dir.name, f"-{cfg.method}"  # runs/digits -> runs/digits-progressive
         data_run = self.run
         if data_run.dataset == TEACHER_DATA:  # the teacher's data, as it saw it
@@ -317,7 +326,12 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
         return decays
 
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
-        return self.data_task.checkpoint_modules()  # a latent model's autoencoder
+        """A latent model's autoencoder; in a later progressive stage also its teacher (the previous stage's EMA),
+        so a resumed run does not depend on the stage folders (which a user may delete)."""
+        modules = self.data_task.checkpoint_modules()
+        if self.teacher_stage and self.stages[self.teacher_stage].ratio == 2:
+            modules["teacher"] = self.teacher.net
+        return modules
 
     # -------------------------------------------------------------------------------------------------------
     # the stages (progressive): which one a step belongs to, its teacher, its grid
@@ -346,13 +360,14 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
         if self.teacher_stage != stage:
             if stage == 0 or self.stages[stage].ratio != 2:  # conversion and consistency learn from the teacher
                 self.teacher = self._guided(self.teacher_model.denoiser)
-            else:
-                folder = self.stage_folder(stage - 1)
-                if not all((folder / f).is_file() for f in REQUIRED_FILES):
-                    raise DifflabError(f"cannot resume stage {stage + 1}: its teacher, {folder}, is missing (it is "
-                                       "written when the previous stage ends); restore it, or start over")
+            else:  # a resumed run: the teacher saved in the checkpoint it resumed from (the newest usable one)
+                checkpoint = latest_valid_checkpoint(self.ctx.run_dir, report=lambda checkpoint, problem: None)
+                saved = checkpoint / "teacher.safetensors" if checkpoint is not None else None
+                if saved is None or not saved.is_file():
+                    raise DifflabError(f"cannot resume stage {stage + 1} of {self.ctx.run_dir}: its checkpoint holds "
+                                       "no teacher.safetensors (the previous stage's model); start over")
                 net = copy.deepcopy(self.student).requires_grad_(False).eval()
-                load_state(net, load_weights(folder, "ema"), folder)
+                load_state(net, load_tensors(saved), saved)
                 self.teacher = Denoiser(net, self.param_of(stage - 1))
             self.teacher_stage = stage
         return self.teacher
@@ -371,9 +386,9 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
         return classifier_free_guidance(teacher, w, null_cond=null)
 
     def after_step(self, step: int) -> None:
-        """At the end of a progressive stage: write stage_<N>_steps/ (EMA weights, config, sample grid); the EMA becomes
-        the next stage's teacher and the student's new start (Salimans & Ho Alg. 2: the student starts as its
-        teacher)."""
+        """At the end of a stage: write its folder (EMA weights, config, sample grid). In progressive distillation the
+        EMA then becomes the next stage's teacher and the student's new start (Salimans & Ho Alg. 2: the student
+        starts as its teacher); a consistency run goes on from its weights as they are."""
         if step not in self.ends:
             return
         stage = self.ends.index(step)

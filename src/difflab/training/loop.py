@@ -256,7 +256,6 @@ def _loop(task: Task, state: RunState) -> None:
             stop_agreed = _update(task, state, loss, metrics, stop.requested)
             bar.update(1)
             done = state.step
-            task.after_step(done)  # before any checkpoint of this step: what it changes is saved with it
             if done % run.log_every == 0 or done == run.steps:  # every process keeps the same sums; main writes
                 row = _log_row(state, run)
                 ctx.log(row)
@@ -312,13 +311,14 @@ def _update(task: Task, state: RunState, loss: torch.Tensor, metrics: dict, stop
         if ctx.main:
             tqdm.write(f"warning: step {state.step}: non-finite loss, gradient or updated weights, step skipped "
                        f"({log['bad_in_a_row']} in a row, {state.skipped} in all)")
-        if run.max_bad_steps and log["bad_in_a_row"] >= run.max_bad_steps:
-            path = _checkpoint(task, state, state.step)
-            raise DifflabError(
-                f"{log['bad_in_a_row']} non-finite steps in a row (up to step {state.step}): training diverged. The "
-                f"weights were not touched by those steps{f' and are saved in {path}' if path else ''}; resume with "
-                f"a lower --lr or --grad-clip: {task.command} --resume {shell_quote(ctx.run_dir)} --lr {run.lr / 10:g}",
-                all_ranks=True)
+    task.after_step(state.step)  # after the EMAs, before any checkpoint of this step: what it changes is saved with it
+    if run.max_bad_steps and log["bad_in_a_row"] >= run.max_bad_steps:
+        path = _checkpoint(task, state, state.step)
+        raise DifflabError(
+            f"{log['bad_in_a_row']} non-finite steps in a row (up to step {state.step}): training diverged. The "
+            f"weights were not touched by those steps{f' and are saved in {path}' if path else ''}; resume with "
+            f"a lower --lr or --grad-clip: {task.command} --resume {shell_quote(ctx.run_dir)} --lr {run.lr / 10:g}",
+            all_ranks=True)
     return bool(shared[-1] > 0)
 
 
