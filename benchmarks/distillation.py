@@ -134,6 +134,7 @@ def plot(rows: list[dict], path: Path, name: str) -> None:
             ax.axhline(ref[0][key], color="gray", lw=1, ls="--", label="teacher DDPM-1000")
         ax.set(xlabel="network evaluations (NFE)", ylabel=key, xscale="log", xticks=list(NFES),
                xticklabels=[str(n) for n in NFES])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=7)

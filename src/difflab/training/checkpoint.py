@@ -173,7 +173,8 @@ def write_folder(final: Path, files: dict[str, dict[str, torch.Tensor]], jsons: 
     tmp = tmp or final.with_name(f".tmp-{final.name}")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():  # what a killed writer left
+            shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         for name, tensors in files.items():  # one file on the CPU at a time
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / name)
