@@ -40,7 +40,7 @@ distilled models (difflab distill ...) sample with their own settings unless tol
   difflab sample runs/digits-progressive                   # DDIM at the step count it was distilled to
   difflab sample runs/digits-progressive/stage_8_steps     # an earlier stage of the same run
   difflab sample runs/digits-consistency                   # the consistency sampler, 1 step
-  difflab sample runs/digits-consistency --sigmas 157,2.5  # 2 steps: denoise, re-noise to 2.5, denoise
+  difflab sample runs/digits-consistency --sigmas 157,1    # 2 steps: denoise, re-noise to 1, denoise
 
 DDIM with eta = 0 is deterministic (Euler on the probability-flow ODE); eta = 1 is DDPM's ancestral step.
 The same --seed gives the same images whatever the batch size; image i uses seed + i."""

@@ -188,7 +188,7 @@ class DistillTask(Task):
   difflab distill --resume runs/digits-progressive             # continues mid-stage, exactly
   difflab sample runs/digits-progressive                       # DDIM at the final step count
   difflab sample runs/digits-progressive/stage_16_steps        # any stage is a model of its own
-  difflab sample runs/digits-consistency --sigmas 157,2.5      # a 2-step consistency sample
+  difflab sample runs/digits-consistency --sigmas 157,1        # a 2-step consistency sample
 
 A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.png) for each finished stage;
 --steps is set by the stages: --updates times the number of stages."""
