@@ -192,7 +192,8 @@ class DistillTask(Task):
 
 A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.png) for each finished stage;
 --steps is set by the stages: --updates times the number of stages."""
-    report = "the student: {run} (difflab sample {run_arg}); stages and grids in {run}"
+    report = ("the student: {run}, sample it with: difflab sample {run_arg}\n"
+              "each finished stage (a model of its own, with its samples.png): {run}/stage_*")
     derived_fields = ("steps",)
     derived_help = ("the sum of the stages' updates: --updates per halving (progressive) or for the consistency model, "
                     "plus --convert-updates when the student's prediction type changes")
