@@ -36,7 +36,6 @@ from difflab.training.config import RunConfig
 
 __version__ = "0.1.0"
 __all__ = ["ConsistencyParameterization", "Denoiser", "DifflabError", "DiffusionConfig", "DistillConfig",
-           "EDMParameterization", "Model", "NoisyClassifier",
-           "NoisyClassifierConfig", "RunConfig", "TrainedAutoencoder", "VAEConfig", "VPParameterization", "generate",
-           "load", "load_autoencoder", "load_classifier", "load_model", "sample", "train", "train_classifier", "distill",
-           "train_vae", "__version__"]
+           "EDMParameterization", "Model", "NoisyClassifier", "NoisyClassifierConfig", "RunConfig", "TrainedAutoencoder",
+           "VAEConfig", "VPParameterization", "distill", "generate", "load", "load_autoencoder", "load_classifier",
+           "load_model", "sample", "train", "train_classifier", "train_vae", "__version__"]

@@ -117,7 +117,8 @@ def guide(model: Model, *, guidance_scale: float | None = None, guidance_rescale
 
 @torch.no_grad()
 def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
-             rho: float = 7.0, sigmas: list[float] | torch.Tensor | None = None, seed: int = 0, batch_size: int = 256, clip: bool | None = None,
+             rho: float = 7.0, sigmas: list[float] | torch.Tensor | None = None, seed: int = 0, batch_size: int = 256,
+             clip: bool | None = None,
              threshold: float | None = None, cond: Cond = None, prompts: list[str] | None = None,
              guidance_scale: float | None = None, guidance_rescale: float = 0.0, negative_prompt: str | None = None,
              classifier: NoisyClassifier | None = None, classifier_scale: float = 1.0, progress: bool = False,
@@ -127,8 +128,8 @@ def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | N
     ``sampler``, ``steps`` and ``spacing`` default to the model's own choice (DDIM, 50 steps, uniform for a DDPM;
     Heun, 18 steps, Karras for EDM; ``ddpm`` takes all T steps); ``spacing`` picks the sigma grid (uniform,
     trailing, leading, karras with ``rho``); ``sigmas`` gives the noise levels instead (decreasing; a final 0 is
-    added when missing), e.g. the multistep consistency sampler's [80, 0.8]. ``clip`` clamps the x0 estimate to [-1, 1] (default: in pixel space
-    only), ``threshold`` (a percentile such as 0.995) applies dynamic thresholding instead. ``cond`` holds one
+    added when missing), e.g. the multistep consistency sampler's [80, 0.8]. ``clip`` clamps the x0 estimate to
+    [-1, 1] (default: in pixel space only), ``threshold`` (a percentile such as 0.995) applies dynamic thresholding instead. ``cond`` holds one
     condition per image (class labels, or encoded prompts); a text-to-image model takes ``prompts`` (one per image)
     instead, encoded once here. With a conditional model ``guidance_scale`` turns on classifier-free
     guidance (0 = unconditional, 1 = conditional, more = stronger; ``guidance_rescale`` in [0, 1]; a text model's

@@ -112,10 +112,10 @@ class Model:
         if not made_for:
             return None
         want = f"{made_for['sampler']} with {made_for['steps']} step(s) on the {made_for['spacing']} grid"
+        eta = (options or {}).get("eta", 0)
         if made_for["method"] == "progressive":
-            if sampler not in ("ddim", "euler") or steps != made_for["steps"] or (spacing or made_for["spacing"]) != \
-                    made_for["spacing"] or (options or {}).get("eta", 0):
-                eta = (options or {}).get("eta", 0)
+            if sampler not in ("ddim", "euler") or steps != made_for["steps"] or eta or \
+                    (spacing or made_for["spacing"]) != made_for["spacing"]:
                 asked = (f"{sampler} with {steps} step(s){f' and eta {eta:g}' if eta else ''}"
                          f"{' on explicit sigmas' if spacing == 'explicit sigmas' else ''}")
                 return (f"this student was distilled for {want} and eta 0 (progressive distillation: each step "

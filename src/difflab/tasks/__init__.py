@@ -18,5 +18,6 @@ TASKS = {
     "distill": DistillTask,
 }
 
-__all__ = ["TASKS", "DiffusionConfig", "DiffusionTask", "DistillConfig", "DistillTask", "distill", "NoisyClassifierConfig", "NoisyClassifierTask", "VAEConfig",
+__all__ = ["TASKS", "DiffusionConfig", "DiffusionTask", "DistillConfig", "DistillTask", "distill",
+           "NoisyClassifierConfig", "NoisyClassifierTask", "VAEConfig",
            "VAETask", "train", "train_classifier", "train_vae"]

@@ -324,19 +324,10 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
 
     def show(self, step: int, ema) -> None:
         """A grid from a fixed seed (one row per class for a conditional model): samples/step_N.png, samples.png."""
-        cond, nrow = self.conditioner.grid(self.config.num_samples) if self.conditioner else (None, None)
-        prompts = cond if isinstance(self.conditioner, TextConditioner) else None  # written under each cell
-        n = len(prompts) if prompts else cond_len(cond) or self.config.num_samples
-        with autocast(self.ctx.device):
-            grid = generate_sharded(self.model(ema), n, seed=0, steps=self.config.sample_steps, **self._guidance(),
-                                    **({"prompts": prompts} if prompts else {"cond": cond}))
         run_dir = self.ctx.run_dir
-
-        def draw() -> None:
-            save_grid(grid, run_dir / "samples" / f"step_{step:07d}.png", nrow=nrow, captions=prompts)
-            save_grid(grid, run_dir / "samples.png", nrow=nrow, captions=prompts)
-
-        self.ctx.on_main("drawing the sample grid", draw)
+        sample_grid(self.ctx, self.model(ema), self.conditioner, self.config.num_samples,
+                    [run_dir / "samples" / f"step_{step:07d}.png", run_dir / "samples.png"],
+                    steps=self.config.sample_steps, **self._guidance())
 
     def evaluate(self, step: int, ema) -> dict[str, float]:
         """Metrics of eval_samples generated images (the model's default sampler; every class equally often)
@@ -351,6 +342,23 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
         result: dict[str, float] = {}
         self.ctx.on_main("evaluation", lambda: result.update(self.evaluator(fake)))
         return result
+
+
+def sample_grid(ctx, model: Model, conditioner, num_samples: int, paths: list[Path], **options) -> None:
+    """The progress picture of a generative task: about ``num_samples`` images from seed 0 (one row per class or
+    prompt when ``conditioner`` has them, the prompt written under each cell), sampled by every process and drawn
+    by the main one into each of ``paths``. ``options`` go to :func:`difflab.generate.generate`."""
+    cond, nrow = conditioner.grid(num_samples) if conditioner else (None, None)
+    prompts = cond if isinstance(conditioner, TextConditioner) else None
+    n = len(prompts) if prompts else cond_len(cond) or num_samples
+    with autocast(ctx.device):
+        grid = generate_sharded(model, n, seed=0, **options, **({"prompts": prompts} if prompts else {"cond": cond}))
+
+    def draw() -> None:
+        for path in paths:
+            save_grid(grid, path, nrow=nrow, captions=prompts)
+
+    ctx.on_main("drawing the sample grid", draw)
 
 
 def make_parameterization(cfg: DiffusionConfig) -> Parameterization:

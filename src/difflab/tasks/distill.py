@@ -38,13 +38,11 @@ from difflab.denoisers import (
     Parameterization,
     VPParameterization,
 )
-from difflab.devices import autocast
 from difflab.distillation import TEACHER_SOLVERS, consistency_grid, consistency_loss, progressive_loss, teacher_step
 from difflab.errors import DifflabError
-from difflab.generate import generate_sharded
 from difflab.guidance import classifier_free_guidance
 from difflab.models import CLASSIFIER_FORMAT, MODEL_FORMAT, VAE_FORMAT, Model, load_model, upgrade_config
-from difflab.tasks.diffusion import DiffusionConfig, DiffusionTask
+from difflab.tasks.diffusion import DiffusionConfig, DiffusionTask, sample_grid
 from difflab.training import loop
 from difflab.training.checkpoint import (
     REQUIRED_FILES,
@@ -58,7 +56,6 @@ from difflab.training.checkpoint import (
 )
 from difflab.training.config import RunConfig, from_json, setting
 from difflab.training.task import Task
-from difflab.viz import save_grid
 
 METHODS = ("progressive", "consistency")
 DEFAULT_UPDATES = {"progressive": 1000, "consistency": 3000}
@@ -297,9 +294,10 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
         self.grids: dict[int, torch.Tensor] = {}
         self.teacher_stage, self.teacher = None, None  # the denoiser the current stage learns from (set lazily)
         self.stage = 0
+        # the diffusion parameterization under a consistency model: its DDIM grids and noise range
+        self.base = self.param.base if isinstance(self.param, ConsistencyParameterization) else self.param
         if cfg.method == "consistency":
-            base = self.param.base
-            self.cd_grid = consistency_grid(cfg.grid_points, base.sigma_min, base.sigma_max).to(
+            self.cd_grid = consistency_grid(cfg.grid_points, self.base.sigma_min, self.base.sigma_max).to(
                 ctx.device, torch.float32)
         return net
 
@@ -316,9 +314,7 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
 
     def param_of(self, stage: int) -> Parameterization:
         """The student's parameterization in ``stage``: a conversion stage trains the consistency model's base."""
-        if self.stages[stage].ratio == 1 and isinstance(self.param, ConsistencyParameterization):
-            return self.param.base
-        return self.param
+        return self.base if self.stages[stage].ratio == 1 else self.param
 
     def ema_decays(self) -> dict[str, float]:
         decays = {"ema": self.run.ema_decay}
@@ -344,8 +340,7 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
     def grid(self, steps: int) -> torch.Tensor:
         """The nested trailing grid of ``steps`` DDIM steps (steps + 1,) float32 on the device, ending with 0."""
         if steps not in self.grids:
-            base = self.param.base if isinstance(self.param, ConsistencyParameterization) else self.param
-            self.grids[steps] = base.sampling_sigmas(steps, "trailing").to(self.ctx.device, torch.float32)
+            self.grids[steps] = self.base.sampling_sigmas(steps, "trailing").to(self.ctx.device, torch.float32)
         return self.grids[steps]
 
     def stage_folder(self, stage: int) -> Path:
@@ -356,8 +351,9 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
         return self.ctx.run_dir / f"stage_{steps}_steps"
 
     def _teacher_for(self, stage: int) -> DenoiserFn:
-        """Stage 0 learns from the teacher (guided when asked); stage k from stage k-1's EMA, which after_step keeps
-        in memory and a resumed run reads back from its stage folder (the same bits)."""
+        """Stage 0, a conversion and a consistency stage learn from the teacher (guided when asked); a later halving
+        from the previous stage's EMA, which after_step keeps in memory and every checkpoint of the stage holds as
+        teacher.safetensors, where a resumed run reads it back (the same bits)."""
         if self.teacher_stage != stage:
             if stage == 0 or self.stages[stage].ratio != 2:  # conversion and consistency learn from the teacher
                 self.teacher = self._guided(self.teacher_model.denoiser)
@@ -405,7 +401,7 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
                     b.copy_(b_ema)
 
     def _write_stage(self, stage: int, ema: torch.nn.Module) -> None:
-        self.stage = stage
+        """stage_*/: the EMA student of ``stage`` (the one batch() last drew for, so model_config() describes it)."""
         folder = self.stage_folder(stage)
         config = self.model_config()
         files = {"model.safetensors": self.student.state_dict(), "ema.safetensors": ema.state_dict(),
@@ -415,7 +411,7 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
             try:
                 write_folder(folder, files, {"config.json": config})
             except CheckpointWriteError as e:
-                raise DifflabError(f"{e}; the next stage trains on, but a resumed run will need this folder") from None
+                raise DifflabError(f"{e}; training goes on (the checkpoints carry what resuming needs)") from None
 
         self.ctx.on_main(f"writing {folder.name}", write)
         self._grid(ema, [folder / "samples.png"])
@@ -473,18 +469,8 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
         return Model(Denoiser(ema, self.param_of(self.stage)), m.encoder, m.conditioner, self.model_config())
 
     def _grid(self, ema, paths: list[Path]) -> None:
-        conditioner = self.data_task.conditioner
-        cond, nrow = conditioner.grid(self.config.num_samples) if conditioner else (None, None)
-        prompts = cond if isinstance(conditioner, TextConditioner) else None
-        n = len(prompts) if prompts else (len(cond) if cond is not None else self.config.num_samples)
-        with autocast(self.ctx.device):
-            grid = generate_sharded(self.model(ema), n, seed=0, **({"prompts": prompts} if prompts else {"cond": cond}))
-
-        def draw() -> None:
-            for path in paths:
-                save_grid(grid, path, nrow=nrow, captions=prompts)
-
-        self.ctx.on_main("drawing the sample grid", draw)
+        """The student's sample grid with its own sampler settings, unguided (guidance is folded in, if at all)."""
+        sample_grid(self.ctx, self.model(ema), self.data_task.conditioner, self.config.num_samples, paths)
 
     def show(self, step: int, ema) -> None:
         run_dir = self.ctx.run_dir

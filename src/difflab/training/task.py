@@ -96,7 +96,7 @@ class Task:
     config_class: ClassVar[type]          # its own settings
     run_defaults: ClassVar[dict] = {}     # its defaults for shared settings (RunConfig fields)
     folder_suffix: ClassVar[str] = ""     # default run folder: dataset name + suffix
-    folder_base: str | None = None        # ... or this name + suffix (setup may set it: distill names it after the teacher)
+    folder_base: str | None = None        # ... or this name + suffix (setup may set it: distill's is the teacher's)
     summary: ClassVar[str] = ""           # its command in `difflab --help`
     description: ClassVar[str] = ""       # ... and at the top of the command's --help
     examples: ClassVar[str] = ""          # ... and at the bottom
