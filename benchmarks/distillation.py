@@ -2,7 +2,7 @@
 (NFE) against progressive-distillation students at 1, 2, 4, 8 steps and a consistency model at 1 and 2 steps.
 
     python benchmarks/distillation.py                       # CPU: about an hour (two distillations + the evaluations)
-    python benchmarks/distillation.py --runs runs/bench     # reuses runs/bench/digits-eps (the teacher) and the students
+    python benchmarks/distillation.py --runs runs/bench     # reuses the teacher (digits-eps) and the students there
     python benchmarks/distillation.py --dataset fashion-mnist --device cuda   # a GPU: Fashion-MNIST as well
 
 The teacher is the README's main job (`difflab train`: tiny U-Net, eps-prediction, 2000 steps). Every row is judged
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from reuse import timed_run  # benchmarks/reuse.py, beside this script
 
 import difflab
 from difflab.evaluation import evaluate
@@ -27,18 +28,6 @@ from difflab.viz import save_grid
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NFES = (1, 2, 4, 8)
-
-
-def timed(run: Path, make) -> tuple[Path, float]:
-    """The run (made now, or reused when it finished before) and the seconds it took."""
-    timing = run / "wall_time.json"
-    if timing.is_file():
-        return run, json.loads(timing.read_text())["seconds"]
-    start = time.perf_counter()
-    make()
-    seconds = time.perf_counter() - start
-    timing.write_text(json.dumps({"seconds": seconds}))
-    return run, seconds
 
 
 def main() -> int:
@@ -55,12 +44,12 @@ def main() -> int:
     args = p.parse_args()
     runs, name = args.runs, args.dataset
     common = dict(out=str(runs), overwrite=True, progress=False, device=args.device)
-    teacher, teacher_s = timed(runs / f"{name}-eps", lambda: difflab.train(
+    teacher, teacher_s = timed_run(runs / f"{name}-eps", lambda: difflab.train(
         dataset=name, name=f"{name}-eps", steps=args.teacher_steps, **common))
-    progressive, progressive_s = timed(runs / f"{name}-progressive", lambda: difflab.distill(
+    progressive, progressive_s = timed_run(runs / f"{name}-progressive", lambda: difflab.distill(
         teacher, method="progressive", from_steps=64, to_steps=1, updates=args.updates, batch_size=args.batch_size,
         name=f"{name}-progressive", **common))
-    consistency, consistency_s = timed(runs / f"{name}-consistency", lambda: difflab.distill(
+    consistency, consistency_s = timed_run(runs / f"{name}-consistency", lambda: difflab.distill(
         teacher, method="consistency", updates=args.cd_updates, batch_size=args.batch_size,
         name=f"{name}-consistency", **common))
     compute = {"teacher": (teacher_s, args.teacher_steps * 128)}

@@ -17,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+from reuse import timed_run  # benchmarks/reuse.py, beside this script
+
 import difflab
 from difflab.evaluation import evaluate
 from difflab.viz import save_grid
@@ -33,17 +35,9 @@ GRID = {
 }
 
 
-def trained(runs: Path, name: str, **settings) -> tuple[Path, float | None]:
+def trained(runs: Path, name: str, **settings) -> tuple[Path, float]:
     """The run (trained now, or reused) and its training wall time in seconds."""
-    run = runs / name
-    timing = run / "wall_time.json"
-    if (run / "checkpoints").is_dir() and timing.is_file():
-        return run, json.loads(timing.read_text())["seconds"]
-    start = time.perf_counter()
-    difflab.train(out=str(runs), name=name, overwrite=True, **settings)
-    seconds = time.perf_counter() - start
-    timing.write_text(json.dumps({"seconds": seconds}))
-    return run, seconds
+    return timed_run(runs / name, lambda: difflab.train(out=str(runs), name=name, overwrite=True, **settings))
 
 
 def main() -> int:

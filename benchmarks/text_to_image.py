@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from reuse import timed_run  # benchmarks/reuse.py, beside this script
 
 import difflab
 from difflab.data.shapes import prompts
@@ -36,17 +37,11 @@ UNET = {"channel_mult": [1, 2, 2], "attn_resolutions": [8]}  # 32 -> 16 -> 8, sp
 
 def train(runs: Path, encoder: str, args) -> tuple[Path, float]:
     """Train (or reuse) the run of one encoder; returns it and its wall time in seconds."""
-    run, timing = runs / encoder, runs / encoder / "wall_time.json"
-    if timing.is_file():
-        return run, json.loads(timing.read_text())["seconds"]
-    start = time.perf_counter()
-    difflab.train(dataset="shapes", image_size=32, text_encoder=encoder, preset="tiny", model=UNET, steps=args.steps,
-                  batch_size=args.batch_size, lr=args.lr, warmup=100, ema_decay=0.999, sample_every=args.steps // 2, num_samples=48,
-                  checkpoint_every=args.steps // 4, log_every=50, device=args.device, out=str(runs), name=encoder,
-                  overwrite=True, progress=True)
-    seconds = time.perf_counter() - start
-    timing.write_text(json.dumps({"seconds": seconds}))
-    return run, seconds
+    return timed_run(runs / encoder, lambda: difflab.train(
+        dataset="shapes", image_size=32, text_encoder=encoder, preset="tiny", model=UNET, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, warmup=100, ema_decay=0.999, sample_every=args.steps // 2,
+        num_samples=48, checkpoint_every=args.steps // 4, log_every=50, device=args.device, out=str(runs),
+        name=encoder, overwrite=True, progress=True))
 
 
 def main() -> int:
