@@ -8,10 +8,13 @@ Quickstart::
     vae = difflab.train_vae(dataset="fashion-mnist", image_size=32)   # an autoencoder for latent diffusion
     latent = difflab.train(dataset="fashion-mnist", image_size=32, vae=str(vae))
     student = difflab.distill(run, method="progressive", to_steps=4)   # samples in 4 steps
+    difflab.export(run, "exported/digits", format="diffusers")   # DDPMPipeline.from_pretrained("exported/digits")
+    sd = difflab.load("path/to/stable-diffusion-folder")           # diffusers folders load as difflab models
 """
 
 from difflab.denoisers import ConsistencyParameterization, Denoiser, EDMParameterization, VPParameterization
 from difflab.errors import DifflabError
+from difflab.export import export
 from difflab.generate import generate, sample
 from difflab.models import (
            Model,
@@ -37,5 +40,5 @@ from difflab.training.config import RunConfig
 __version__ = "0.1.0"
 __all__ = ["ConsistencyParameterization", "Denoiser", "DifflabError", "DiffusionConfig", "DistillConfig",
            "EDMParameterization", "Model", "NoisyClassifier", "NoisyClassifierConfig", "RunConfig", "TrainedAutoencoder",
-           "VAEConfig", "VPParameterization", "distill", "generate", "load", "load_autoencoder", "load_classifier",
+           "VAEConfig", "VPParameterization", "distill", "export", "generate", "load", "load_autoencoder", "load_classifier",
            "load_model", "sample", "train", "train_classifier", "train_vae", "__version__"]

@@ -149,8 +149,9 @@ class VPParameterization(Parameterization):
         return self.schedule.T if sampler == "ddpm" else 50
 
     def config(self):
+        options = {"schedule_options": dict(self.schedule.options)} if self.schedule.options else {}
         return {"kind": self.kind, "prediction": self.prediction, "weighting": self.weighting,
-                "schedule": self.schedule.name, "timesteps": self.schedule.T}
+                "schedule": self.schedule.name, "timesteps": self.schedule.T, **options}
 
 
 class EDMParameterization(Parameterization):
@@ -273,7 +274,8 @@ def parameterization_from_config(config: dict) -> Parameterization:
     kind = config.pop("kind", None)
     try:
         if kind == "vp":
-            schedule = make_schedule(config.pop("schedule"), config.pop("timesteps"))
+            schedule = make_schedule(config.pop("schedule"), config.pop("timesteps"),
+                                     **config.pop("schedule_options", {}))
             return VPParameterization(schedule, **config)
         if kind == "edm":
             return EDMParameterization(**config)

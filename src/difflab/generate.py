@@ -81,6 +81,8 @@ def default_guidance_scale(model: Model) -> float:
     condition (label or caption dropout > 0), else 1 -- plain conditional sampling."""
     if model.distillation and model.distillation.get("guidance_scale") is not None:
         return 1.0  # guidance is folded into the distilled model
+    if model.config.get("guidance_scale") is not None:
+        return float(model.config["guidance_scale"])  # a model that states its own (Stable Diffusion: 7.5)
     return 3.0 if model.conditioner.trained_null else 1.0
 
 

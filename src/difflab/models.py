@@ -12,6 +12,7 @@ versions of difflab (``difflab-model-1``, ``difflab-classifier-1``) are upgraded
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,7 +279,21 @@ def load(path: str | Path, *, weights: str = "ema", device: str | torch.device =
     """Load a run folder (its newest checkpoint) or a checkpoint folder, of any kind; EMA weights by default.
 
     In a run folder a damaged newest checkpoint gives way to the next older one, with a warning -- as does one
-    that a run still training there prunes while it is read (the folder is listed again then)."""
+    that a run still training there prunes while it is read (the folder is listed again then).
+
+    Also loaded: a single ``.safetensors`` file of ``difflab export --format safetensors``, and a diffusers pipeline
+    folder or hub id (``DDPMPipeline``, Stable Diffusion; :mod:`difflab.diffusers_io`, the ``[diffusers]`` extra)."""
+    from difflab import diffusers_io
+    from difflab.vae_io import HUB_ID
+
+    if is_model_file(path):
+        return load_model_file(path, weights=weights, device=device)
+    text = str(path)
+    if diffusers_io.is_pipeline_folder(path) or (
+            not Path(text).exists() and HUB_ID.fullmatch(text) and not Path(text.split("/")[0]).exists()):
+        if weights != "ema":
+            raise DifflabError("a diffusers folder holds one set of weights: leave --weights at ema")
+        return diffusers_io.load_pipeline(text, device=resolve_device(device))
     path = Path(path)
     if not path.is_dir() or all((path / f).is_file() for f in REQUIRED_FILES):
         return _load_checkpoint(resolve_checkpoint(path), weights, device)
@@ -307,6 +322,63 @@ def load(path: str | Path, *, weights: str = "ema", device: str | torch.device =
     if not problems:
         resolve_checkpoint(path)  # says what the folder holds instead
     raise DifflabError(f"no usable checkpoint in '{path}': {'; '.join(problems)}")
+
+
+MODEL_FILE_FORMAT = "difflab-model-file-1"  # the metadata "format" of a single-file model
+
+
+def is_model_file(path: str | Path) -> bool:
+    """Whether ``path`` is a single ``.safetensors`` file (``difflab export --format safetensors``)."""
+    return str(path).endswith(".safetensors") and Path(path).is_file()
+
+
+def model_file_tensors(model: Model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the single self-describing file of ``model``: the network's weights under ``net.``,
+    a latent model's autoencoder under ``vae.``, and the model config (JSON) in the metadata."""
+    if model.config.get("format") != MODEL_FORMAT:
+        raise DifflabError(f"only difflab models can be written as one file (this is a {model.config.get('format')} "
+                           "model)")
+    tensors = {f"net.{k}": v for k, v in model.denoiser.net.state_dict().items()}
+    if isinstance(model.encoder, LatentEncoder):
+        tensors.update({f"vae.{k}": v for k, v in model.encoder.autoencoder.state_dict().items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return tensors, {"format": MODEL_FILE_FORMAT, "config": json.dumps(model.config)}
+
+
+def load_model_file(path: str | Path, *, weights: str = "ema", device: str | torch.device = "auto") -> Model:
+    """Load the single file :func:`model_file_tensors` describes (it holds one set of weights, the exported ones)."""
+    from safetensors import SafetensorError, safe_open
+
+    if weights != "ema":
+        raise DifflabError(f"{path} holds one set of weights (those it was exported with): leave --weights at ema")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise DifflabError(f"cannot read {path}: {e}") from None
+    if meta.get("format") != MODEL_FILE_FORMAT:
+        raise DifflabError(f"{path} is a safetensors file without a difflab model config (export one with: "
+                           "difflab export RUN --format safetensors)")
+    try:
+        config = json.loads(meta["config"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise DifflabError(f"{path}: damaged model config in its metadata ({e})") from None
+    model = build(config)
+    if not isinstance(model, Model):
+        raise DifflabError(f"{path} does not hold a diffusion model")
+    parts = {"net": {}, "vae": {}}
+    for key, value in tensors.items():
+        head, _, rest = key.partition(".")
+        if head not in parts:
+            raise DifflabError(f"{path}: unexpected tensor {key}")
+        parts[head][rest] = value
+    load_state(model.denoiser.net, parts["net"], Path(path))
+    if isinstance(model.encoder, LatentEncoder):
+        load_state(model.encoder.autoencoder, parts["vae"], Path(path))
+    model.checkpoint = Path(path)
+    model.denoiser.eval()
+    return model.to(resolve_device(device))
 
 
 def _load_checkpoint(checkpoint: Path, weights: str, device) -> Model | NoisyClassifier | TrainedAutoencoder:

