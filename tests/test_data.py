@@ -27,6 +27,7 @@ from difflab.errors import DifflabError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+REAL_CACHE = data.cache_dir()  # read before the autouse fixture below empties it: where tests/setup.sh downloads to
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -141,15 +142,47 @@ def test_mnist_from_data_dir(tmp_path, where):
     assert t.images.shape == (5, 3, 14, 14) and t.images.dtype == torch.uint8
 
 
-def test_real_fashion_mnist_from_debian_package():
-    # CI installs Debian's dataset-fashion-mnist; this test must not skip.
-    assert FASHION_SYSTEM_DIR.is_dir(), "run: apt-get install -y dataset-fashion-mnist"
+def fashion_mnist_copies() -> list[Path]:
+    """The folders holding all four real Fashion-MNIST files: Debian's, and difflab's cache (tests/setup.sh fetches
+    them there where the Debian package cannot be installed)."""
+    stems = [stem for split in data.SPLITS for stem in data.IDX_STEMS[split]]
+    return [d for d in (FASHION_SYSTEM_DIR, REAL_CACHE / "fashion-mnist")
+            if all(data._find_idx(d, stem) for stem in stems)]
+
+
+def test_real_fashion_mnist_from_the_system_or_the_cache(monkeypatch):
+    # tests/setup.sh puts it in one of the two places; this test must not skip.
+    assert fashion_mnist_copies(), f"neither {FASHION_SYSTEM_DIR} nor {REAL_CACHE} holds it: run sh tests/setup.sh"
+    monkeypatch.setenv("DIFFLAB_CACHE", str(REAL_CACHE))
     for split, n in [("train", 60000), ("test", 10000)]:
         d = load_dataset("fashion-mnist", split=split, download=False, progress=False)
         assert d.images.shape == (n, 1, 28, 28) and d.images.dtype == torch.uint8
         assert torch.equal(d.labels.bincount(), torch.full((10,), n // 10))
         assert d.class_names[0] == "T-shirt/top" and d.class_names[9] == "Ankle boot"
         assert 0 < d.images.float().mean() < 255
+
+
+def test_without_the_system_copy_fashion_mnist_is_downloaded_and_md5_checked(tmp_path, monkeypatch):
+    # What tests/setup.sh relies on without apt or root. No network here: a real copy stands in for the mirror,
+    # with its own MD5s (Debian recompresses the .gz files, so theirs differ from the published ones).
+    copies = fashion_mnist_copies()
+    assert copies, "run sh tests/setup.sh"
+    files = {f"{stem}.gz": data._find_idx(copies[0], stem).read_bytes() for stem in data.IDX_STEMS["test"]}
+    assert all(payload[:2] == b"\x1f\x8b" for payload in files.values())  # gzip, as the mirror serves them
+    monkeypatch.setitem(data.IDX_DATASETS["fashion-mnist"], "system", [str(tmp_path / "no-system-copy")])
+    monkeypatch.setitem(data.IDX_DATASETS["fashion-mnist"], "md5", {k: hashlib.md5(v).hexdigest() for k, v in files.items()})
+    requested = serve(monkeypatch, files)
+    d = load_dataset("fashion-mnist", split="test", progress=False)
+    assert d.images.shape == (10000, 1, 28, 28) and torch.equal(d.labels.bincount(), torch.full((10,), 1000))
+    assert sorted(u.rsplit("/", 1)[-1] for u in requested) == sorted(files)
+    assert all(u.startswith(data.IDX_DATASETS["fashion-mnist"]["mirrors"][0]) for u in requested)
+    assert sorted(os.listdir(tmp_path / "cache" / "fashion-mnist")) == sorted(files)
+    # bytes that do not match the MD5 are refused and leave nothing in the cache
+    monkeypatch.setitem(data.IDX_DATASETS["fashion-mnist"], "md5", {k: "0" * 32 for k in files})
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache2"))
+    with pytest.raises(DifflabError, match="checksum mismatch"):
+        load_dataset("fashion-mnist", split="test", progress=False)
+    assert not any((tmp_path / "cache2").rglob("*.*"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,6 +196,7 @@ def test_missing_files_without_download_say_where_and_how(tmp_path, name):
     message = one_line(e)
     assert "not found" in message and str(tmp_path / "cache" / name) in message
     assert str(tmp_path / "nowhere") in message and "data_dir" in message
+    assert f"allow download (difflab fetches the files into {tmp_path / 'cache' / name} and checks their MD5)" in message
 
 
 def test_fashion_mnist_unreachable_network_suggests_apt(tmp_path, monkeypatch):
@@ -172,6 +206,7 @@ def test_fashion_mnist_unreachable_network_suggests_apt(tmp_path, monkeypatch):
     message = one_line(e)
     assert "could not download" in message and "network disabled" in message
     assert "apt-get install dataset-fashion-mnist" in message and "data_dir" in message
+    assert message.endswith("or try the download again")
 
 
 class FakeResponse(io.BytesIO):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import importlib.util
 from types import ModuleType
 
 from difflab.errors import DifflabError

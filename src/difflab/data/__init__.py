@@ -10,7 +10,8 @@ Where files are looked for, in order (first hit wins):
    (``fashion-mnist``, ``mnist``, ``cifar10``; torchvision's ``FashionMNIST/raw`` and ``MNIST/raw`` too).
    For CIFAR-10 ``data_dir`` may also be the ``cifar-10-python.tar.gz`` file or the extracted
    ``cifar-10-batches-py`` folder.
-2. For Fashion-MNIST, ``/usr/share/datasets/fashion-mnist`` (Debian: ``apt-get install dataset-fashion-mnist``).
+2. For Fashion-MNIST, ``/usr/share/datasets/fashion-mnist`` (Debian: ``apt-get install dataset-fashion-mnist``;
+   where it is not installed, the files are downloaded into the cache as below).
 3. The cache, ``$DIFFLAB_CACHE`` or ``~/.cache/difflab``, subfolder named like the dataset.
 4. With ``download=True``: the official files, checked against their published MD5 and saved in the cache.
 
@@ -130,8 +131,11 @@ def _search_dirs(name: str, data_dir: str | None, subfolders: list[str], system:
 
 
 def _not_found(name: str, split: str, dirs: list[Path], hint: str, reason: str = "") -> DifflabError:
+    """``reason``: why the download failed (empty when none was allowed)."""
     looked = ", ".join(str(d) for d in dirs)
-    return DifflabError(f"{name} ({split}) not found{reason} (looked in {looked}); {hint}, or allow download")
+    fetch = ("or try the download again" if reason else
+             f"or allow download (difflab fetches the files into {cache_dir() / name} and checks their MD5)")
+    return DifflabError(f"{name} ({split}) not found{reason} (looked in {looked}); {hint}, {fetch}")
 
 
 def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from difflab.errors import DifflabError
+from difflab.extras import require
 
 LR_SCHEDULES = ("constant", "cosine")
+LOGGERS = ("jsonl", "tensorboard")  # log.jsonl is always written; tensorboard adds event files beside it
 
 
 def setting(default, help: str, *, frozen: bool = False, **kw):
@@ -68,6 +70,10 @@ class RunConfig:
     checkpoint_every: int = setting(1000, "write a checkpoint every N steps (and always at the end)")
     keep: int = setting(3, "keep the newest N checkpoints (0 = keep every one)")
     eval_every: int = setting(0, "evaluate (e.g. FID of samples) every N steps, logged and plotted (0 = off)")
+    logger: str = setting("jsonl", "jsonl: log.jsonl only; tensorboard: also TensorBoard event files in "
+                                   "RUN/tensorboard/ (every logged value and progress picture; view all runs with "
+                                   "tensorboard --logdir runs; needs pip install 'difflab[tensorboard]')",
+                          metavar="jsonl|tensorboard")
 
     def __post_init__(self):
         check_types(self)
@@ -119,6 +125,10 @@ def check_run(run: RunConfig) -> None:
     check_run_name(run.name)
     if run.lr_schedule not in LR_SCHEDULES:
         raise DifflabError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got '{run.lr_schedule}'")
+    if run.logger not in LOGGERS:
+        raise DifflabError(f"--logger must be one of {', '.join(LOGGERS)}, got '{run.logger}'")
+    if run.logger == "tensorboard":  # now, not after the data is loaded and the first steps are trained
+        require("torch.utils.tensorboard", extra="tensorboard", feature="--logger tensorboard")
 
 
 def fields_of(*config_classes: type) -> dict[str, dataclasses.Field]:

@@ -7,7 +7,8 @@ A task (:mod:`difflab.training.task`) supplies the data, the network and the los
 once: exact resume (weights, EMAs, optimizer, step counter, data order and every random stream come back),
 torchrun/DDP (each process takes its slice of the global batch; one all-reduce per step shares the loss, the
 metrics and the stop flag), the learning-rate schedule, autocast, clipping, the non-finite-step gate, the EMAs,
-``log.jsonl`` and ``loss.png``, Ctrl-C/SIGTERM, and atomic checkpoints that a failed write never costs.
+``log.jsonl`` (and TensorBoard: :mod:`difflab.training.loggers`) and ``loss.png``, Ctrl-C/SIGTERM, and atomic
+checkpoints that a failed write never costs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import copy
 import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from difflab.training.checkpoint import (
 )
 from difflab.training.config import check_run, from_json, frozen_fields, make_configs, to_json
 from difflab.training.lock import RunLock
+from difflab.training.loggers import TensorBoardLogger, log_row, new_log, pictures_logged
 from difflab.training.runs import (
     GracefulStop,
     learning_rate,
@@ -185,6 +186,9 @@ def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
             chosen, lock = distributed.main_first(choose) or (None, None)
             ctx.run_dir = Path(distributed.broadcast_object(chosen))
         distributed.main_first(lambda: write_json(ctx.run_dir / "config.json", to_json(task.name, run, task.config)))
+        if run.logger == "tensorboard":  # the main process writes; None on the others
+            ctx.board = distributed.main_first(
+                lambda: TensorBoardLogger(ctx.run_dir, resumed_at=state.step if resume is not None else None))
         _loop(task, state)
         task.before_final_checkpoint(state.emas["ema"])
         _checkpoint(task, state, run.steps, final=True)
@@ -195,6 +199,8 @@ def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
         task.finish(ema)
         return ctx.run_dir
     finally:
+        if ctx.board is not None:  # flushed on every way out: done, an error, an interrupt
+            ctx.board.close()
         if lock is not None:
             lock.release()
 
@@ -239,7 +245,7 @@ def _loop(task: Task, state: RunState) -> None:
         train_net = torch.compile(train_net)
     bar = tqdm(total=run.steps, initial=state.step, desc=f"training {ctx.run_dir.name}", unit="step",
                disable=not ctx.progress, dynamic_ncols=True)
-    state.log = _new_log()
+    state.log = new_log()
     stop, stop_agreed = GracefulStop(quiet=not ctx.main), False
     state.net.train()
     try:
@@ -257,7 +263,7 @@ def _loop(task: Task, state: RunState) -> None:
             bar.update(1)
             done = state.step
             if done % run.log_every == 0 or done == run.steps:  # every process keeps the same sums; main writes
-                row = _log_row(state, run)
+                row = log_row(state, run.batch_size)
                 ctx.log(row)
                 if ctx.main and row["loss"] is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
@@ -344,22 +350,6 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
     return False
 
 
-def _new_log(bad_in_a_row: int = 0) -> dict:
-    """Sums for the next log row: steps and finite steps since the last row, loss and metric sums over the
-    finite ones, the clock, and the non-finite steps in a row (which carry over rows)."""
-    return {"steps": 0, "finite": 0, "sums": {}, "t": time.perf_counter(), "bad_in_a_row": bad_in_a_row}
-
-
-def _log_row(state: RunState, run) -> dict:
-    """The next row of log.jsonl (loss None: every step since the last row was skipped)."""
-    log, now = state.log, time.perf_counter()
-    means = {k: v / log["finite"] for k, v in log["sums"].items()} if log["finite"] else {}
-    row = {"step": state.step, "loss": means.pop("loss", None), **means, "lr": log["lr"], "grad_norm": log["grad_norm"],
-           "img_per_s": log["steps"] * run.batch_size / (now - log["t"]), "skipped": state.skipped}
-    state.log = _new_log(log["bad_in_a_row"])
-    return row
-
-
 def _interrupted(task: Task, state: RunState, step: int) -> None:
     """Save (unless this step already has a checkpoint) and stop every process with one message."""
     if state.saved != step:
@@ -414,8 +404,9 @@ def _evaluate(task: Task, state: RunState, step: int) -> None:
 
 
 def _show(task: Task, ema: nn.Module, step: int) -> None:
-    """The task's progress picture, then the loss plot."""
-    task.show(step, ema)
+    """The task's progress picture (to TensorBoard too, when on), then the loss plot."""
     ctx = task.ctx
+    with pictures_logged(ctx, step):
+        task.show(step, ema)
     ctx.on_main("drawing the loss plot", lambda: plot_loss(ctx.run_dir / "log.jsonl", ctx.run_dir / "loss.png"))
 

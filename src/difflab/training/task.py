@@ -52,6 +52,7 @@ class Context:
     dist: DistInfo
     progress: bool                       # show progress bars (the main process, unless asked to be quiet)
     run_dir: Path | None = None          # set once the folder is chosen (before the first step)
+    board: Any = None                    # a TensorBoardLogger with --logger tensorboard (main process), else None
 
     @property
     def device(self) -> torch.device:
@@ -75,12 +76,15 @@ class Context:
                 tqdm.write(f"warning: {what} failed: {type(e).__name__}: {e}; training continues")
 
     def log(self, row: dict) -> None:
-        """Append one JSON row to the run's ``log.jsonl`` (main process; failures are reported, not raised)."""
+        """Append one JSON row to the run's ``log.jsonl``, and send it to TensorBoard when that is on (main process;
+        failures are reported, not raised)."""
         def append() -> None:
             with open(self.run_dir / "log.jsonl", "a") as f:  # strict JSON: a NaN or an infinity is written null
                 f.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}, allow_nan=False) + "\n")
 
         self.on_main("writing the log", append)
+        if self.board is not None:
+            self.on_main("writing the TensorBoard events", lambda: self.board.scalars(row))
 
 
 def _finite_or_none(value):
