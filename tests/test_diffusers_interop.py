@@ -202,12 +202,13 @@ def test_bad_diffusers_folders_are_one_line(tmp_path, one_line):
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
 
 
-def _difflab_model(num_classes=None, preset="tiny", image_size=8, prediction="eps", schedule="linear", **unet):
-    c = unet_config(preset, image_size=image_size, in_channels=3, num_classes=num_classes, **unet)
+def _difflab_model(num_classes=None, preset="tiny", image_size=8, prediction="eps", schedule="linear", channels=3,
+                   **unet):
+    c = unet_config(preset, image_size=image_size, in_channels=channels, num_classes=num_classes, **unet)
     param = VPParameterization(make_schedule(schedule, 1000), prediction)
     cond = ClassConditioner([f"c{i}" for i in range(num_classes)], 0.1) if num_classes else None
     config = model_config(c, parameterization=param, conditioner=cond,
-                          data={"name": "test", "channels": 3, "image_size": image_size})
+                          data={"name": "test", "channels": channels, "image_size": image_size})
     model = Model(Denoiser(_randomize(UNet(c)), param), PixelEncoder(), cond, config)
     model.denoiser.eval()
     return model
@@ -288,3 +289,36 @@ def test_export_cli_and_single_file(tmp_path, one_line):
     assert list((tmp_path / "digits-generated").glob("*.png"))
     with pytest.raises(DifflabError, match="only difflab models"):
         export_file(difflab.load(tmp_path / "cond", device="cpu"), tmp_path / "again.safetensors")
+
+
+def test_eval_hub_ids_and_missing_extra(tmp_path, monkeypatch, one_line, capsys):
+    model = _difflab_model(channels=1, prediction="x0")
+    model.config["data"]["name"] = "digits"
+    export_diffusers(model, tmp_path / "exported")
+    # difflab eval samples a diffusers folder like a run; the features default to those of the dataset in difflab.json
+    assert main(["eval", "--fake", str(tmp_path / "exported"), "--real", "digits", "-n", "40", "--steps", "3",
+                 "--metrics", "fid",
+                 "--json", str(tmp_path / "m.json"), "--quiet"]) == 0
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["features"] == "domain-digits" and result["fid"] > 0 and result["fake"]["nfe"] == 3
+    capsys.readouterr()
+    # a hub id (owner/name that is no local path) is fetched with huggingface_hub, then loaded like a folder
+    import huggingface_hub
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: fetched.append((repo, kw)) or str(tmp_path / "exported"))
+    monkeypatch.chdir(tmp_path)
+    hub = difflab.load("someone/ddpm-tiny", device="cpu")
+    assert fetched[0][0] == "someone/ddpm-tiny" and "safety_checker/*" in fetched[0][1]["ignore_patterns"]
+    assert hub.shape == (1, 8, 8)
+    assert main(["sample", "someone/ddpm-tiny", "--steps", "2", "-n", "1", "--quiet"]) == 0
+    assert list((tmp_path / "generated" / "someone-ddpm-tiny").glob("*.png"))  # never inside the download cache
+
+    def offline(repo, **kw):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    one_line(["sample", "someone/other", "-n", "1"], "someone/other", "couldn't connect", "download the repository")
+    # without the [diffusers] extra: one line naming the pip install
+    monkeypatch.setitem(__import__("sys").modules, "diffusers", None)
+    one_line(["sample", str(tmp_path / "exported"), "-n", "1"], "pip install 'difflab[diffusers]'")
+    one_line(["export", str(tmp_path / "nowhere"), str(tmp_path / "x")], "nowhere")

@@ -8,6 +8,7 @@ into metrics. The metrics themselves (FID, KID, IS, precision/recall) live in :m
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from difflab.generate import default_guidance_scale, generate_sharded
 from difflab.metrics import compute_features, evaluate_features, get_extractor, load_reference
 from difflab.metrics import save_reference as save_reference_file
 from difflab.metrics.domain import DOMAIN_EXTRACTORS
-from difflab.models import load_model, upgrade_config
+from difflab.models import is_foreign_model, is_model_file, load_model, upgrade_config
 from difflab.training.checkpoint import REQUIRED_FILES, list_checkpoints, read_config, resolve_checkpoint
 
 DEFAULT_METRICS = ("fid", "kid", "pr")
@@ -43,13 +44,14 @@ def parse_metrics(text: str | None) -> tuple[str, ...]:
 
 
 def is_reference(path: str) -> bool:
-    return str(path).endswith(".safetensors") and Path(path).is_file()
+    return str(path).endswith(".safetensors") and Path(path).is_file() and not is_model_file(path)
 
 
 def is_run(path: str) -> bool:
-    """A run folder with a checkpoint, or a checkpoint folder."""
+    """A model to sample: a run folder with a checkpoint, a checkpoint folder, a single-file model, or a diffusers
+    pipeline folder or hub id."""
     p = Path(path)
-    return bool(list_checkpoints(p)) or all((p / f).is_file() for f in REQUIRED_FILES)
+    return bool(list_checkpoints(p)) or all((p / f).is_file() for f in REQUIRED_FILES) or is_foreign_model(path)
 
 
 def dataset_split(source: str, split: str) -> tuple[str, str]:
@@ -85,6 +87,20 @@ def load_fake_images(source: str, *, n: int, progress: bool = True, device: str 
     return images, {"images": str(source), "dataset": name}
 
 
+def _dataset_of(model: str) -> str | None:
+    """The dataset a model was trained on, read from its config without loading it (None: not recorded, as in a
+    diffusers folder from elsewhere)."""
+    if is_model_file(model):
+        from safetensors import safe_open
+
+        with safe_open(str(model), framework="pt") as f:
+            return json.loads(f.metadata()["config"])["data"]["name"]
+    if is_foreign_model(model):
+        recorded = Path(model) / "difflab.json"  # what difflab export writes beside the diffusers files
+        return json.loads(recorded.read_text())["data"]["name"] if recorded.is_file() else None
+    return upgrade_config(read_config(resolve_checkpoint(model)))["data"]["name"]
+
+
 def evaluate(real: str, fake: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS, features: str | None = None,
              n: int = 10_000, inception_weights: str | None = None, device: str = "auto", data_dir: str | None = None,
              split: str = "train", save_reference: str | None = None, progress: bool = True,
@@ -96,7 +112,7 @@ def evaluate(real: str, fake: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS
     if ref is not None and save_reference:
         raise DifflabError("--save-reference needs a dataset or folder as --real, not a saved reference")
     if is_run(fake):
-        dataset = upgrade_config(read_config(resolve_checkpoint(fake)))["data"]["name"]
+        dataset = _dataset_of(fake) or (ref.info.get("dataset") if ref is not None else real.split(":")[0])
     else:
         dataset = ref.info.get("dataset") if ref is not None else real.split(":")[0]
     if ref is not None:

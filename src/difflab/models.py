@@ -284,16 +284,13 @@ def load(path: str | Path, *, weights: str = "ema", device: str | torch.device =
     Also loaded: a single ``.safetensors`` file of ``difflab export --format safetensors``, and a diffusers pipeline
     folder or hub id (``DDPMPipeline``, Stable Diffusion; :mod:`difflab.diffusers_io`, the ``[diffusers]`` extra)."""
     from difflab import diffusers_io
-    from difflab.vae_io import HUB_ID
 
     if is_model_file(path):
         return load_model_file(path, weights=weights, device=device)
-    text = str(path)
-    if diffusers_io.is_pipeline_folder(path) or (
-            not Path(text).exists() and HUB_ID.fullmatch(text) and not Path(text.split("/")[0]).exists()):
+    if is_foreign_model(path):
         if weights != "ema":
             raise DifflabError("a diffusers folder holds one set of weights: leave --weights at ema")
-        return diffusers_io.load_pipeline(text, device=resolve_device(device))
+        return diffusers_io.load_pipeline(str(path), device=resolve_device(device))
     path = Path(path)
     if not path.is_dir() or all((path / f).is_file() for f in REQUIRED_FILES):
         return _load_checkpoint(resolve_checkpoint(path), weights, device)
@@ -328,8 +325,28 @@ MODEL_FILE_FORMAT = "difflab-model-file-1"  # the metadata "format" of a single-
 
 
 def is_model_file(path: str | Path) -> bool:
-    """Whether ``path`` is a single ``.safetensors`` file (``difflab export --format safetensors``)."""
-    return str(path).endswith(".safetensors") and Path(path).is_file()
+    """Whether ``path`` is a single-file model (``difflab export --format safetensors``): a ``.safetensors`` file whose
+    metadata names :data:`MODEL_FILE_FORMAT` (other safetensors files, e.g. saved FID references, are not)."""
+    if not (str(path).endswith(".safetensors") and Path(path).is_file()):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == MODEL_FILE_FORMAT
+    except Exception:  # not readable as safetensors: let the loader say why
+        return False
+
+
+def is_foreign_model(path: str | Path) -> bool:
+    """Whether ``path`` names a model that is not a difflab run: a single-file model, a diffusers pipeline folder, or
+    a hub id (``owner/name`` that is no local path)."""
+    from difflab import diffusers_io
+    from difflab.vae_io import HUB_ID
+
+    text = str(path)
+    return is_model_file(path) or diffusers_io.is_pipeline_folder(path) or (
+        not Path(text).exists() and bool(HUB_ID.fullmatch(text)) and not Path(text.split("/")[0]).exists())
 
 
 def model_file_tensors(model: Model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
