@@ -4,6 +4,7 @@
     difflab sample / samplers           cli/sample.py
     difflab eval / eval-vae             cli/evaluate.py
     difflab export                      cli/export.py
+    difflab serve                       cli/serve.py
 
 Exit codes: 0 done, 2 a user mistake or a damaged file (one line on stderr), 130 interrupted (Ctrl-C, SIGTERM),
 1 a bug (a stack trace); see difflab.errors.
@@ -20,7 +21,7 @@ import threading
 import warnings
 
 from difflab import __version__
-from difflab.cli import evaluate, export, sample, train
+from difflab.cli import evaluate, export, sample, serve, train
 from difflab.errors import DifflabError, Interrupted
 
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub)
     evaluate.add_vae_parser(sub)
     export.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 
