@@ -38,7 +38,7 @@ elif [ "$can_apt" = yes ]; then
     fi
 fi
 if ! installed $PACKAGES; then  # say where the tests get what the packages would have given them
-    data="difflab's own downloader for Fashion-MNIST (fetched into ${DIFFLAB_CACHE:-${HOME:-~}/.cache/difflab}, MD5-checked)"
+    data="difflab's own downloader for Fashion-MNIST (fetched into ${DIFFLAB_CACHE:-${HOME:-}/.cache/difflab}, MD5-checked)"
     if installed dataset-fashion-mnist; then data="Debian's dataset-fashion-mnist"; fi
     echo "setup: without Debian's $PACKAGES (no apt-get, no root, or apt failed): the tests use $data and" \
          "the system's Chrome/Chromium for the browser test"

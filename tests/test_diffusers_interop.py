@@ -9,6 +9,7 @@ embeddings, denoiser call and guided images, and an exported difflab model sampl
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import diffusers
 import pytest
@@ -191,9 +192,11 @@ def test_bad_diffusers_folders_are_one_line(tmp_path, one_line):
     one_line(["sample", no_scheduler, "-n", "1"], "scheduler_config.json")
     mismatched = variant("mismatched", lambda f: _write_weights(
         f / "unet", lambda w: w.update({"conv_in.weight": torch.zeros(16, 3, 3, 3)})))
-    one_line(["sample", mismatched, "-n", "1"], "unet/")
+    one_line(["sample", mismatched, "-n", "1"], "unet/ weights do not match", "conv_in.weight")
     missing = variant("missing", lambda f: _write_weights(f / "unet", lambda w: w.pop("conv_out.bias")))
     one_line(["sample", missing, "-n", "1"], "unet/ weights do not match")
+    unexpected = variant("unexpected", lambda f: _write_weights(f / "unet", lambda w: w.update(extra=torch.ones(2))))
+    one_line(["sample", unexpected, "-n", "1"], "unet/ weights do not match", "extra")
     explicit = variant("explicit", lambda f: (f / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "DDPMScheduler", "trained_betas": [0.1] * 1000})))
     one_line(["sample", explicit, "-n", "1"], "trained_betas")
@@ -302,23 +305,88 @@ def test_eval_hub_ids_and_missing_extra(tmp_path, monkeypatch, one_line, capsys)
     result = json.loads((tmp_path / "m.json").read_text())
     assert result["features"] == "domain-digits" and result["fid"] > 0 and result["fake"]["nfe"] == 3
     capsys.readouterr()
-    # a hub id (owner/name that is no local path) is fetched with huggingface_hub, then loaded like a folder
+    # a hub id (owner/name that is no local path) is fetched with huggingface_hub: model_index.json first, then
+    # only the files difflab reads (safetensors over .bin, no fp16 variants, no safety checker, no root checkpoint)
     import huggingface_hub
+    listing = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+               "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.fp16.safetensors",
+               "scheduler/scheduler_config.json", "safety_checker/model.safetensors", "v1-5-pruned.safetensors",
+               "difflab.json"]
     fetched = []
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: listing)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(tmp_path / "exported" / name))
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda repo, **kw: fetched.append((repo, kw)) or str(tmp_path / "exported"))
     monkeypatch.chdir(tmp_path)
     hub = difflab.load("someone/ddpm-tiny", device="cpu")
-    assert fetched[0][0] == "someone/ddpm-tiny" and "safety_checker/*" in fetched[0][1]["ignore_patterns"]
-    assert hub.shape == (1, 8, 8)
+    assert fetched[0][0] == "someone/ddpm-tiny" and hub.shape == (1, 8, 8)
+    assert sorted(fetched[0][1]["allow_patterns"]) == sorted(
+        ["model_index.json", "difflab.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+         "scheduler/scheduler_config.json"])
     assert main(["sample", "someone/ddpm-tiny", "--steps", "2", "-n", "1", "--quiet"]) == 0
     assert list((tmp_path / "generated" / "someone-ddpm-tiny").glob("*.png"))  # never inside the download cache
+    only_bin = [f for f in listing if not f.endswith(".safetensors")]
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: only_bin)
+    difflab.load("someone/ddpm-bin", device="cpu")
+    assert "unet/diffusion_pytorch_model.bin" in fetched[-1][1]["allow_patterns"]
+    index = json.loads((tmp_path / "exported" / "model_index.json").read_text())
+    (tmp_path / "index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(tmp_path / "index.json"))
+    before = len(fetched)
+    one_line(["sample", "someone/kandinsky", "-n", "1"], "unsupported pipeline class 'KandinskyPipeline'")
+    assert len(fetched) == before  # refused before any weight was downloaded
+    # runs/<name> in a fresh folder is a run not trained yet, never a Hub repository
+    (tmp_path / "fresh").mkdir()
+    monkeypatch.chdir(tmp_path / "fresh")
+    one_line(["sample", "runs/digits", "-n", "1"], "runs/digits")
+    assert len(fetched) == before
+    monkeypatch.chdir(tmp_path)
 
-    def offline(repo, **kw):
+    def offline(repo, **kw):  # what huggingface_hub raises without a network
         raise OSError("We couldn't connect to 'https://huggingface.co'\nmore")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    one_line(["sample", "someone/other", "-n", "1"], "someone/other", "couldn't connect", "download the repository")
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    one_line(["sample", "someone/other", "-n", "1"], "someone/other", "couldn't connect",
+             "download the pipeline repository")
     # without the [diffusers] extra: one line naming the pip install
     monkeypatch.setitem(__import__("sys").modules, "diffusers", None)
     one_line(["sample", str(tmp_path / "exported"), "-n", "1"], "pip install 'difflab[diffusers]'")
     one_line(["export", str(tmp_path / "nowhere"), str(tmp_path / "x")], "nowhere")
+
+
+def test_learned_variance_unet_uses_the_mean_half(tmp_path):
+    unet = _ddpm_like_unet(out_channels=6)  # improved DDPM: [eps; variance interpolation]
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(variance_type="learned_range")).save_pretrained(
+        tmp_path / "pipe")
+    model = difflab.load(tmp_path / "pipe", device="cpu")
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0])
+    with torch.no_grad():
+        torch.testing.assert_close(model.denoiser.net(x, t), unet(x, t).sample[:, :3], rtol=0, atol=0)
+    assert difflab.generate(model, 1, steps=3).shape == (1, 3, 8, 8)
+
+
+def test_export_is_atomic_and_readable_by_others(tmp_path, monkeypatch):
+    import os
+    model = _difflab_model(scale_shift=False, prediction="x0")  # DDPM's additive time embedding maps too
+    old = os.umask(0o022)
+    try:
+        export_diffusers(model, tmp_path / "ok")
+        export_file(model, tmp_path / "ok.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ok").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "ok" / "unet" / "config.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "ok.safetensors").stat().st_mode & 0o777 == 0o644
+    pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "ok")
+    assert pipe.unet.config.resnet_time_scale_shift == "default"
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    theirs = pipe(batch_size=1, generator=torch.Generator().manual_seed(2), num_inference_steps=5, output_type="np")
+    ours = difflab.generate(model, 1, sampler="ddim", steps=5, spacing="leading", clip=False, seed=2)
+    assert abs(_as01(ours) - theirs.images).max() < 2e-5
+
+    def half_written(self, folder, **kw):  # a full disk half-way through
+        (Path(folder) / "model_index.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(diffusers.DDPMPipeline, "save_pretrained", half_written)
+    with pytest.raises(DifflabError, match="No space left on device"):
+        export_diffusers(model, tmp_path / "full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok", "ok.safetensors"]

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from difflab import hub
 from difflab.conditioning import ClassConditioner, TextConditioner
 from difflab.denoisers import Denoiser, VPParameterization
 from difflab.errors import DifflabError
@@ -44,8 +45,6 @@ PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 # diffusers beta_schedule -> difflab schedule name (same formula; the range comes from beta_start / beta_end)
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine",
                   "sigmoid": "sigmoid"}
-HUB_IGNORE = ["safety_checker/*", "feature_extractor/*", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.pb",
-              "*.fp16.*", "*.non_ema.*"]
 
 
 def is_pipeline_folder(path: str | Path) -> bool:
@@ -68,8 +67,8 @@ def _read_json(file: Path, what: str) -> dict:
 def schedule_from_scheduler(config: dict, source: str) -> tuple:
     """(NoiseSchedule, prediction) of a diffusers scheduler config; one line for what difflab cannot reproduce."""
     if config.get("trained_betas") is not None:
-        raise DifflabError(f"{source}: the scheduler lists its betas explicitly (trained_betas), which difflab does not "
-                           "read; only named beta schedules are supported")
+        raise DifflabError(f"{source}: the scheduler lists its betas explicitly (trained_betas), which difflab does "
+                           "not read; only named beta schedules are supported")
     if config.get("rescale_betas_zero_snr"):
         raise DifflabError(f"{source}: rescale_betas_zero_snr gives the last timestep infinite noise (sigma_max = "
                            "inf), which difflab's sigma-space samplers cannot start from")
@@ -78,7 +77,8 @@ def schedule_from_scheduler(config: dict, source: str) -> tuple:
         raise DifflabError(f"{source}: unsupported beta_schedule '{kind}' (supported: {', '.join(BETA_SCHEDULES)})")
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
-        raise DifflabError(f"{source}: unsupported prediction_type '{prediction}' (supported: {', '.join(PREDICTIONS)})")
+        raise DifflabError(f"{source}: unsupported prediction_type '{prediction}' "
+                           f"(supported: {', '.join(PREDICTIONS)})")
     name = BETA_SCHEDULES[kind]
     options = {} if name == "cosine" else {"beta_start": float(config.get("beta_start", 0.0001)),
                                            "beta_end": float(config.get("beta_end", 0.02))}
@@ -95,7 +95,8 @@ def scheduler_config(param: VPParameterization) -> dict:
                                                    "beta_end": options.get("beta_end", 0.02)}
     return {"_class_name": "DDPMScheduler", "num_train_timesteps": schedule.T, "beta_schedule": names[schedule.name],
             **betas, "prediction_type": {v: k for k, v in PREDICTIONS.items()}[param.prediction],
-            "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0, "timestep_spacing": "leading",
+            "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0,
+            "timestep_spacing": "leading",
             "steps_offset": 0}
 
 
@@ -111,13 +112,20 @@ class DiffusersUNet(nn.Module):
         self.unet, self.null_class = unet, null_class
         self.takes_text = getattr(unet.config, "cross_attention_dim", None) is not None
         self.num_class_embeds = getattr(unet.config, "num_class_embeds", None)
+        # a learned-variance model (improved DDPM) outputs [mean target; variance]: difflab's samplers use the first
+        # half, as diffusers' schedulers do for the mean
+        self.channels = unet.config.in_channels
+        if unet.config.out_channels not in (self.channels, 2 * self.channels):
+            raise DifflabError(f"a diffusers U-Net with {self.channels} input and {unet.config.out_channels} output "
+                               "channels is neither a denoiser nor a learned-variance one")
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond=None) -> torch.Tensor:
         if self.takes_text:
             if not isinstance(cond, Mapping) or "tokens" not in cond:
                 raise DifflabError("this diffusers U-Net is text-conditional: it needs a prompt's tokens")
             tokens = cond["tokens"].to(x.dtype)                                    # (N, L, D)
-            return self.unet(x, c_noise, encoder_hidden_states=tokens).sample     # (N, C, H, W)
+            out = self.unet(x, c_noise, encoder_hidden_states=tokens).sample      # (N, C or 2C, H, W)
+            return out[:, :self.channels]
         if isinstance(cond, Mapping):
             raise DifflabError("a text condition was given to a diffusers U-Net without cross-attention")
         if self.num_class_embeds is not None and cond is None:
@@ -126,27 +134,50 @@ class DiffusersUNet(nn.Module):
             cond = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
         if self.num_class_embeds is None and cond is not None:
             raise DifflabError("a class was given to an unconditional diffusers U-Net")
-        return self.unet(x, c_noise, class_labels=cond).sample                     # (N, C, H, W)
+        return self.unet(x, c_noise, class_labels=cond).sample[:, :self.channels]  # (N, C, H, W)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".msgpack", ".h5", ".onnx", ".pb", ".pt", ".pth")
+COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
+
+
+def hub_files(repo: str, files: list[str]) -> list[str]:
+    """What to fetch of a Hub pipeline repository: its ``model_index.json`` first (an unsupported pipeline is refused
+    before any weight is downloaded), then the configs, tokenizer files and weights of the components difflab uses
+    -- safetensors when the component has them, else its .bin; never fp16 / non-EMA variants, a safety checker or a
+    root-level single-file checkpoint (gigabytes nobody reads)."""
+    import huggingface_hub
+
+    if "model_index.json" not in files:
+        raise DifflabError(f"the Hub repository {repo} is not a diffusers pipeline (no model_index.json)")
+    index = _read_json(Path(huggingface_hub.hf_hub_download(repo, "model_index.json")), "")
+    _check_pipeline(index.get("_class_name"), repo)
+    patterns = ["model_index.json", DIFFLAB_FILE]
+    for component in COMPONENTS:
+        mine = [f for f in files if f.startswith(component + "/")]
+        weights = [f for f in mine if Path(f).suffix in WEIGHT_SUFFIXES and "." not in Path(f).stem]  # no .fp16.
+        patterns += [f for f in mine if Path(f).suffix not in WEIGHT_SUFFIXES]  # configs, tokenizer files
+        patterns += [f for f in weights if f.endswith(".safetensors")] or [f for f in weights if f.endswith(".bin")]
+    return patterns
+
+
+def _check_pipeline(kind, source: str) -> None:
+    if kind not in UNET2D_PIPELINES + TEXT_PIPELINES:
+        raise DifflabError(f"{source}: unsupported pipeline class '{kind}' (supported: "
+                           f"{', '.join(UNET2D_PIPELINES + TEXT_PIPELINES)})")
 
 
 def resolve(path_or_hub_id: str | Path) -> Path:
-    """A local pipeline folder, or a hub id downloaded into the Hugging Face cache (weights and configs only)."""
-    from difflab.vae_io import HUB_ID
-
+    """A local pipeline folder, or a hub id downloaded into the Hugging Face cache (:func:`hub_files` only)."""
     path, source = Path(path_or_hub_id).expanduser(), str(path_or_hub_id)
     if path.exists():
         if not path.is_dir() or not is_pipeline_folder(path):
             raise DifflabError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
         return path
-    if not HUB_ID.fullmatch(source) or Path(source.split("/")[0]).exists():
+    if not hub.is_hub_id(source):
         raise DifflabError(f"no such run, checkpoint or diffusers folder: {source}")
-    hub = require("huggingface_hub", extra="diffusers", feature="loading diffusers models from the Hub")
-    try:
-        return Path(hub.snapshot_download(source, ignore_patterns=HUB_IGNORE))
-    except Exception as error:  # network, authentication, offline mode, unknown repository: all one line
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DifflabError(f"no folder '{source}', and downloading it from the Hugging Face Hub failed ({reason}): "
-                           "download the repository and pass its folder") from None
+    return hub.download(source, allow=lambda files: hub_files(source, files),
+                        what="the pipeline repository (model_index.json and its component folders)")
 
 
 def _load_component(cls, folder: Path, subfolder: str, source: str) -> nn.Module:
@@ -157,13 +188,17 @@ def _load_component(cls, folder: Path, subfolder: str, source: str) -> nn.Module
         raise DifflabError(f"{source}: missing {subfolder}/config.json")
     try:
         module, info = cls.from_pretrained(str(part), output_loading_info=True, low_cpu_mem_usage=False)
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DifflabError(f"{source}: cannot load {subfolder}/ ({first})") from None
-    missing = list(info.get("missing_keys") or []) + list(info.get("mismatched_keys") or [])
-    if missing:
-        raise DifflabError(f"{source}: {subfolder}/ weights do not match its config ({len(missing)} missing or "
-                           f"mismatched, e.g. {missing[0]})")
+    except (OSError, ValueError, RuntimeError) as e:
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+        if "state_dict" in lines[0]:  # torch's "Error(s) in loading state_dict for ...:" then the details
+            raise DifflabError(f"{source}: {subfolder}/ weights do not match its config "
+                               f"({lines[1] if len(lines) > 1 else lines[0]}"[:300] + ")") from None
+        raise DifflabError(f"{source}: cannot load {subfolder}/ ({lines[0][:200]})") from None
+    wrong = [*(info.get("missing_keys") or []), *(info.get("mismatched_keys") or []),
+             *(info.get("unexpected_keys") or [])]
+    if wrong:
+        raise DifflabError(f"{source}: {subfolder}/ weights do not match its config ({len(wrong)} missing, "
+                           f"mismatched or unexpected, e.g. {wrong[0]})")
     return module.float().eval().requires_grad_(False)
 
 
@@ -172,14 +207,12 @@ def load_pipeline(path_or_hub_id: str | Path, *, device: torch.device):
     from difflab.encoders import PixelEncoder
     from difflab.models import Model
 
-    diffusers = require("diffusers", extra="diffusers", feature="loading diffusers models")
     source = str(path_or_hub_id)
     folder = resolve(path_or_hub_id)
+    diffusers = require("diffusers", extra="diffusers", feature="loading diffusers models")
     index = _read_json(folder / "model_index.json", "not a diffusers pipeline folder")
     kind = index.get("_class_name")
-    if kind not in UNET2D_PIPELINES + TEXT_PIPELINES:
-        raise DifflabError(f"{source}: unsupported pipeline class '{kind}' (supported: "
-                           f"{', '.join(UNET2D_PIPELINES + TEXT_PIPELINES)})")
+    _check_pipeline(kind, source)
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json", "the pipeline needs its scheduler")
     schedule, prediction = schedule_from_scheduler(scheduler, source)
     param = VPParameterization(schedule, prediction)
@@ -210,7 +243,8 @@ def load_pipeline(path_or_hub_id: str | Path, *, device: torch.device):
             raise DifflabError(f"{source}: unet/config.json needs a square integer sample_size")
         trained = load_autoencoder(folder / "vae", device="cpu")
         encoder = trained.encoder()
-        tokenizer_config = _read_json(folder / "tokenizer" / "tokenizer_config.json", "the pipeline needs its tokenizer")
+        tokenizer_config = _read_json(folder / "tokenizer" / "tokenizer_config.json",
+                                      "the pipeline needs its tokenizer")
         max_length = int(tokenizer_config.get("model_max_length", 77))
         if max_length > 4096:  # transformers' "no limit" sentinel
             max_length = 77
@@ -223,6 +257,9 @@ def load_pipeline(path_or_hub_id: str | Path, *, device: torch.device):
         net = DiffusersUNet(unet)
         size, channels = c.sample_size, c.in_channels
         vae = trained.autoencoder.config
+        if c.in_channels != vae.latent_channels:
+            raise DifflabError(f"{source}: the U-Net takes {c.in_channels} channels, the VAE makes "
+                               f"{vae.latent_channels}-channel latents")
         data = {"name": source, "channels": vae.in_channels, "image_size": size * vae.downsampling_factor}
     config = {"format": FORMAT, "source": source, "pipeline": kind,
               "unet": {"in_channels": channels, "image_size": size}, "parameterization": param.config(),

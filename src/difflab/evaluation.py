@@ -21,7 +21,8 @@ from difflab.generate import default_guidance_scale, generate_sharded
 from difflab.metrics import compute_features, evaluate_features, get_extractor, load_reference
 from difflab.metrics import save_reference as save_reference_file
 from difflab.metrics.domain import DOMAIN_EXTRACTORS
-from difflab.models import is_foreign_model, is_model_file, load_model, upgrade_config
+from difflab.model_file import is_model_file, model_file_config
+from difflab.models import is_foreign_model, load_model, upgrade_config
 from difflab.training.checkpoint import REQUIRED_FILES, list_checkpoints, read_config, resolve_checkpoint
 
 DEFAULT_METRICS = ("fid", "kid", "pr")
@@ -89,16 +90,23 @@ def load_fake_images(source: str, *, n: int, progress: bool = True, device: str 
 
 def _dataset_of(model: str) -> str | None:
     """The dataset a model was trained on, read from its config without loading it (None: not recorded, as in a
-    diffusers folder from elsewhere)."""
-    if is_model_file(model):
-        from safetensors import safe_open
+    diffusers folder from elsewhere or a Hub id, which is not downloaded for this)."""
+    from difflab.diffusers_io import DIFFLAB_FILE, is_pipeline_folder
 
-        with safe_open(str(model), framework="pt") as f:
-            return json.loads(f.metadata()["config"])["data"]["name"]
-    if is_foreign_model(model):
-        recorded = Path(model) / "difflab.json"  # what difflab export writes beside the diffusers files
-        return json.loads(recorded.read_text())["data"]["name"] if recorded.is_file() else None
-    return upgrade_config(read_config(resolve_checkpoint(model)))["data"]["name"]
+    if is_model_file(model):
+        config = model_file_config(model)
+    elif is_pipeline_folder(model):
+        recorded = Path(model) / DIFFLAB_FILE  # what difflab export writes beside the diffusers files
+        try:
+            config = json.loads(recorded.read_text()) if recorded.is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+    elif is_foreign_model(model):
+        return None
+    else:
+        config = upgrade_config(read_config(resolve_checkpoint(model)))
+    data = config.get("data") if isinstance(config, dict) else None
+    return data.get("name") if isinstance(data, dict) else None
 
 
 def evaluate(real: str, fake: str, *, metrics: tuple[str, ...] = DEFAULT_METRICS, features: str | None = None,

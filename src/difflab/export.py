@@ -28,11 +28,11 @@ diffusers itself would only warn about re-initialised weights.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,8 +43,10 @@ from difflab.diffusers_io import DIFFLAB_FILE, scheduler_config
 from difflab.encoders import PixelEncoder
 from difflab.errors import DifflabError
 from difflab.extras import require
-from difflab.models import MODEL_FORMAT, Model, load_model, model_file_tensors
+from difflab.model_file import model_file_tensors
+from difflab.models import MODEL_FORMAT, Model, load_model
 from difflab.nn import UNetConfig
+from difflab.training.checkpoint import atomic_folder
 
 FORMATS = ("diffusers", "safetensors")
 NORM_EPS = 1e-5  # torch's GroupNorm default, which every difflab U-Net norm uses
@@ -149,7 +151,7 @@ def export_diffusers(model: Model, out: str | Path) -> Path:
         raise DifflabError(f"the weights do not map onto diffusers' UNet2DModel ({len(missing)} missing, {len(extra)} "
                            f"unmapped, {len(shapes)} of another shape; first: {first})")
     unet.load_state_dict(state, strict=True)
-    _check_same_function(net.float().cpu(), unet.eval(), model.parameterization, config)
+    _check_same_function(copy.deepcopy(net).float().cpu(), unet.eval(), model.parameterization)
     scheduler = diffusers.DDPMScheduler.from_config(scheduler_config(model.parameterization))
     pipeline = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
 
@@ -161,16 +163,15 @@ def export_diffusers(model: Model, out: str | Path) -> Path:
 
 
 @torch.no_grad()
-def _check_same_function(net, unet, param: VPParameterization, config: dict) -> None:
-    """Both networks on the same random inputs, at a low, middle and high noise level, and for every class."""
+def _check_same_function(net, unet, param: VPParameterization) -> None:
+    """Both networks on the same random inputs, at a low, middle and high noise level, with the first class, the
+    last class and the null class (class-conditional models)."""
     g = torch.Generator().manual_seed(0)
     c = net.config
     x = torch.randn(3, c.in_channels, c.image_size, c.image_size, generator=g)
     t = torch.tensor([0.0, param.schedule.T / 2, param.schedule.T - 1])
     labels = None if c.num_classes is None else torch.tensor([0, c.num_classes, c.num_classes - 1])
-    was_training = net.training
-    ours = net.eval()(x, t, labels)
-    net.train(was_training)
+    ours = net.eval()(x, t, labels)  # a copy: the caller's model keeps its mode, device and dtype
     theirs = unet(x, t, class_labels=labels).sample
     scale = max(1.0, float(ours.abs().max()))
     error = float((ours - theirs).abs().max())
@@ -194,6 +195,9 @@ def export_file(model: Model, out: str | Path) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; the export is for others to load too
         os.replace(tmp, out)
     except OSError as e:
         raise DifflabError(f"cannot write '{out}': {e.strerror}") from None
@@ -204,24 +208,10 @@ def export_file(model: Model, out: str | Path) -> Path:
 
 
 def _atomic_folder(out: Path, write) -> Path:
-    """Write a folder under a temporary name beside ``out`` and rename it into place: a crash leaves no half folder."""
+    """Refuse a non-empty ``out``, then make it atomically (:func:`~difflab.training.checkpoint.atomic_folder`)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DifflabError(f"'{out}' exists and is not empty: choose another folder or remove it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    except OSError as e:
-        raise DifflabError(f"cannot write '{out}': {e.strerror}") from None
-    try:
-        write(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except OSError as e:
-        raise DifflabError(f"cannot write '{out}': {e.strerror}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    atomic_folder(out, write, tmp=out.with_name(f".tmp-{out.name}"))
     return out
 
 

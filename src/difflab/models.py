@@ -12,7 +12,6 @@ versions of difflab (``difflab-model-1``, ``difflab-classifier-1``) are upgraded
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +283,7 @@ def load(path: str | Path, *, weights: str = "ema", device: str | torch.device =
     Also loaded: a single ``.safetensors`` file of ``difflab export --format safetensors``, and a diffusers pipeline
     folder or hub id (``DDPMPipeline``, Stable Diffusion; :mod:`difflab.diffusers_io`, the ``[diffusers]`` extra)."""
     from difflab import diffusers_io
+    from difflab.model_file import is_model_file, load_model_file
 
     if is_model_file(path):
         return load_model_file(path, weights=weights, device=device)
@@ -321,81 +321,13 @@ def load(path: str | Path, *, weights: str = "ema", device: str | torch.device =
     raise DifflabError(f"no usable checkpoint in '{path}': {'; '.join(problems)}")
 
 
-MODEL_FILE_FORMAT = "difflab-model-file-1"  # the metadata "format" of a single-file model
-
-
-def is_model_file(path: str | Path) -> bool:
-    """Whether ``path`` is a single-file model (``difflab export --format safetensors``): a ``.safetensors`` file whose
-    metadata names :data:`MODEL_FILE_FORMAT` (other safetensors files, e.g. saved FID references, are not)."""
-    if not (str(path).endswith(".safetensors") and Path(path).is_file()):
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == MODEL_FILE_FORMAT
-    except Exception:  # not readable as safetensors: let the loader say why
-        return False
-
-
 def is_foreign_model(path: str | Path) -> bool:
     """Whether ``path`` names a model that is not a difflab run: a single-file model, a diffusers pipeline folder, or
-    a hub id (``owner/name`` that is no local path)."""
-    from difflab import diffusers_io
-    from difflab.vae_io import HUB_ID
+    a Hub id (:func:`difflab.hub.is_hub_id`)."""
+    from difflab import diffusers_io, hub
+    from difflab.model_file import is_model_file
 
-    text = str(path)
-    return is_model_file(path) or diffusers_io.is_pipeline_folder(path) or (
-        not Path(text).exists() and bool(HUB_ID.fullmatch(text)) and not Path(text.split("/")[0]).exists())
-
-
-def model_file_tensors(model: Model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of the single self-describing file of ``model``: the network's weights under ``net.``,
-    a latent model's autoencoder under ``vae.``, and the model config (JSON) in the metadata."""
-    if model.config.get("format") != MODEL_FORMAT:
-        raise DifflabError(f"only difflab models can be written as one file (this is a {model.config.get('format')} "
-                           "model)")
-    tensors = {f"net.{k}": v for k, v in model.denoiser.net.state_dict().items()}
-    if isinstance(model.encoder, LatentEncoder):
-        tensors.update({f"vae.{k}": v for k, v in model.encoder.autoencoder.state_dict().items()})
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return tensors, {"format": MODEL_FILE_FORMAT, "config": json.dumps(model.config)}
-
-
-def load_model_file(path: str | Path, *, weights: str = "ema", device: str | torch.device = "auto") -> Model:
-    """Load the single file :func:`model_file_tensors` describes (it holds one set of weights, the exported ones)."""
-    from safetensors import SafetensorError, safe_open
-
-    if weights != "ema":
-        raise DifflabError(f"{path} holds one set of weights (those it was exported with): leave --weights at ema")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise DifflabError(f"cannot read {path}: {e}") from None
-    if meta.get("format") != MODEL_FILE_FORMAT:
-        raise DifflabError(f"{path} is a safetensors file without a difflab model config (export one with: "
-                           "difflab export RUN --format safetensors)")
-    try:
-        config = json.loads(meta["config"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise DifflabError(f"{path}: damaged model config in its metadata ({e})") from None
-    model = build(config)
-    if not isinstance(model, Model):
-        raise DifflabError(f"{path} does not hold a diffusion model")
-    parts = {"net": {}, "vae": {}}
-    for key, value in tensors.items():
-        head, _, rest = key.partition(".")
-        if head not in parts:
-            raise DifflabError(f"{path}: unexpected tensor {key}")
-        parts[head][rest] = value
-    load_state(model.denoiser.net, parts["net"], Path(path))
-    if isinstance(model.encoder, LatentEncoder):
-        load_state(model.encoder.autoencoder, parts["vae"], Path(path))
-    model.checkpoint = Path(path)
-    model.denoiser.eval()
-    return model.to(resolve_device(device))
+    return is_model_file(path) or diffusers_io.is_pipeline_folder(path) or hub.is_hub_id(path)
 
 
 def _load_checkpoint(checkpoint: Path, weights: str, device) -> Model | NoisyClassifier | TrainedAutoencoder:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from difflab import hub
 from difflab.errors import DifflabError
 from difflab.nn.vae import Autoencoder, AutoencoderConfig
 
@@ -28,7 +29,6 @@ PICKLED_WEIGHTS = "diffusion_pytorch_model.bin"
 # What to fetch from a Hub repository: the VAE at the top (sd-vae-ft-mse) or in vae/ (a whole pipeline), and
 # nothing else (a pipeline's U-Net and text encoder are gigabytes).
 HUB_FILES = ["config.json", WEIGHTS, "vae/config.json", f"vae/{WEIGHTS}"]
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 
 
 @dataclass
@@ -129,31 +129,16 @@ def _check_state_dict(model: torch.nn.Module, weights: dict[str, torch.Tensor], 
                            f"{'; '.join(problems)}")
 
 
-def _download(hub_id: str) -> Path:
-    """Fetch an autoencoder from the Hugging Face Hub (config and safetensors weights only)."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise DifflabError(f"no folder '{hub_id}', and huggingface_hub is not installed to download it as a Hub id: "
-                           f"download the repository (config.json + {WEIGHTS}) and pass its folder") from None
-    try:
-        return Path(snapshot_download(hub_id, allow_patterns=HUB_FILES))
-    except Exception as error:  # network, authentication, offline mode, unknown repository: all one line
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DifflabError(f"no folder '{hub_id}', and downloading it from the Hugging Face Hub failed ({reason}): "
-                           f"download the repository and pass its folder") from None
-
-
 def load_diffusers_autoencoder(path_or_hub_id: str | Path, *, device: str | torch.device = "cpu") -> LoadedAutoencoder:
     """Load a diffusers ``AutoencoderKL`` (a local folder, a pipeline folder's ``vae/``, or a Hub id such as
     ``stabilityai/sd-vae-ft-mse`` when no such folder exists) as a float32 difflab autoencoder in eval mode."""
     path = Path(path_or_hub_id)
     source = str(path_or_hub_id)
     if not path.exists():
-        if not HUB_ID.fullmatch(source) or Path(source.split("/")[0]).exists():  # runs/x: a local path, mistyped
+        if not hub.is_hub_id(source):  # runs/x: a local path, mistyped
             raise DifflabError(f"no such folder: {source} (pass a diffusers AutoencoderKL folder or a Hub id "
                                f"like stabilityai/sd-vae-ft-mse)")
-        path = _download(source)
+        path = hub.download(source, allow=HUB_FILES, what=f"the repository (config.json + {WEIGHTS})")
     if not path.is_dir():
         raise DifflabError(f"{source} is not a folder: pass the diffusers AutoencoderKL folder that holds "
                            f"config.json and {WEIGHTS}")

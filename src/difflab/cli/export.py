@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from difflab.export import FORMATS
+
 EPILOG = """examples:
   difflab export runs/digits --format diffusers exported/digits      # a DDPMPipeline folder
   difflab export runs/digits-cond --format diffusers exported/cond   # class-conditional: UNet2DModel class embedding
@@ -30,7 +32,7 @@ def add_parser(sub) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run folder (its newest checkpoint) or a checkpoint folder")
     p.add_argument("out", metavar="OUT", help="the folder to create (diffusers) or the file (safetensors: NAME.safetensors)")
-    p.add_argument("--format", default="diffusers", choices=["diffusers", "safetensors"],
+    p.add_argument("--format", default="diffusers", choices=FORMATS,
                    help="diffusers: a DDPMPipeline folder; safetensors: one file (default: diffusers)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     p.set_defaults(handler=run_export)

@@ -167,25 +167,38 @@ def save_checkpoint(
 
 def write_folder(final: Path, files: dict[str, dict[str, torch.Tensor]], jsons: dict[str, object], *,
                  tmp: Path | None = None) -> None:
-    """Write safetensors ``files`` (name -> tensors) and JSON files into ``final`` atomically: into a temporary
-    sibling folder, flushed, then renamed (an existing ``final`` is replaced only once the new one is complete).
+    """Write safetensors ``files`` (name -> tensors) and JSON files into ``final`` atomically (:func:`atomic_folder`).
     Raises :class:`CheckpointWriteError`; a failed write leaves nothing behind."""
+
+    def write(folder: Path) -> None:
+        for name, tensors in files.items():  # one file on the CPU at a time
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, folder / name)
+        for name, obj in jsons.items():
+            write_json(folder / name, obj)
+
+    atomic_folder(final, write, tmp=tmp)
+
+
+def atomic_folder(final: Path, write, *, tmp: Path | None = None) -> None:
+    """Make the folder ``final`` atomically: ``write(folder)`` fills a temporary sibling, every file in it is flushed,
+    then it is renamed into place (an existing ``final`` is replaced only once the new one is complete). Raises
+    :class:`CheckpointWriteError`; a failed write (a full disk, an I/O error, Ctrl-C) leaves nothing behind."""
     tmp = tmp or final.with_name(f".tmp-{final.name}")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # what a killed writer left
             shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        for name, tensors in files.items():  # one file on the CPU at a time
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / name)
-        for name, obj in jsons.items():
-            write_json(tmp / name, obj)
-        for f in tmp.iterdir():  # flush the weights too before the rename makes the folder visible
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
+        write(tmp)
+        for f in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):  # files, then their folders
+            if f.is_file():  # flush the weights too before the rename makes the folder visible
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            else:
+                _fsync_dir(f)
         _fsync_dir(tmp)
         _replace_folder(tmp, final)
-    except BaseException as e:  # a full disk, an I/O error, Ctrl-C: never leave a half folder behind
+    except BaseException as e:  # never leave a half folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, Exception):
             raise
