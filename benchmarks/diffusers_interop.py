@@ -95,7 +95,7 @@ def main() -> int:
             f"{torch.get_num_threads()} threads, torch {torch.__version__}, diffusers {diffusers.__version__}",
             "n": args.n, "model": str(teacher), "features": "domain-digits"}
     (RESULTS / "diffusers_interop_digits.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"| library | sampler | NFE | FID | precision | recall | ms/image |", "|---|---|---|---|---|---|---|"]
+    lines = ["| library | sampler | NFE | FID | precision | recall | ms/image |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['library']} | {r['sampler']} | {r['nfe']} | {r['fid']:.2f} | {r['precision']:.3f} | "
               f"{r['recall']:.3f} | {r['ms_per_image']:.2f} |" for r in rows]
     (RESULTS / "diffusers_interop_digits.md").write_text("\n".join([json.dumps(meta), "", *lines, ""]))

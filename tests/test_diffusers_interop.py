@@ -162,6 +162,11 @@ def test_stable_diffusion_layout_is_a_latent_text_model(tmp_path, prediction):
     ours = difflab.generate(model, 1, prompts=[prompt], sampler="ddim", sigmas=grid, seed=3, guidance_scale=4.0)
     assert abs(_as01(ours) - theirs).max() < 1e-4
     assert model.config["guidance_scale"] == 7.5  # SD's default when not told
+    # the web page's generation path takes the same model (its own test drives the page in a browser)
+    from difflab.serve import check_settings, describe, generate_images
+    settings = check_settings(model, sampler="dpmpp_2m", steps=3, num=2, prompt=prompt, negative_prompt="a blue cat")
+    assert settings["guidance_scale"] == 7.5 and len(generate_images(model, settings).images) == 2
+    assert "latent 4x8x8" in describe(model) and "text-to-image" in describe(model)
 
 
 def _write_weights(folder, change):
