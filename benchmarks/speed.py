@@ -1,91 +1,247 @@
-"""Training and sampling throughput of a U-Net preset, as a table.
+"""Training and sampling speed, difflab against diffusers' UNet2DModel of the same configuration, in one run.
 
-    python benchmarks/speed.py                                  # tiny on 8x8 digits shapes, CPU
-    python benchmarks/speed.py --preset small --size 28 --batch 256 --device cuda --compile
-    python benchmarks/speed.py --preset ddpm-cifar10 --size 32 --channels 3 --batch 128 --device cuda
+    python benchmarks/speed.py                                   # CPU: tiny (8x8) and small (28x28), fp32
+    python benchmarks/speed.py --device cuda --preset ddpm-cifar10 --size 32 --channels 3 \\
+        --batches 64,128,256,512 --modes fp32,bf16,compiled     # the issue's H100/H200 comparison
 
-Training: images/s for the full step (bf16 autocast + channels-last + fused AdamW on CUDA, fp32 on CPU),
-after warm-up. Sampling: images/s for DDIM with --sample-steps steps (EMA-free, same network).
+Both libraries get the same network: the diffusers U-Net is built from difflab's preset with `difflab export`'s
+mapping (`export.unet2d_config`) and the same weights, so it computes the same function (checked before timing).
+
+* training: one optimizer step of the eps-prediction loss at batch B -- noise, forward, backward, AdamW (fused on
+  CUDA), EMA. difflab: its loss and parameterization with a foreach EMA; diffusers: the loop of its training
+  examples (`DDPMScheduler.add_noise`, `F.mse_loss`, `EMAModel(foreach=True)`).
+* sampling: DDIM with 50 steps and DPM-Solver++(2M) with 20 at batch B. difflab: `difflab.generate`; diffusers:
+  the scheduler loop of its pipelines (`DDIMScheduler`, `DPMSolverMultistepScheduler`).
+* modes: fp32; bf16 (autocast); compiled (bf16 + `torch.compile` of the network). Both networks take difflab's
+  memory format (channels-last on a GPU, and on a CPU from 16 px: `devices.memory_format`).
+
+Reported: images/s after warm-up (the warm-up time is reported too: it holds the compilation), peak memory (CUDA),
+and model FLOP utilisation (FLOPs of the network counted by torch's FlopCounterMode, training = 3x forward, over the
+GPU's dense bf16 peak; on CPU the achieved GFLOP/s instead). One table, one JSON in benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import platform
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+import difflab
 from difflab.denoisers import Denoiser, VPParameterization
-from difflab.devices import autocast, resolve_device
-from difflab.generate import generate
+from difflab.devices import memory_format, resolve_device
+from difflab.encoders import PixelEncoder
+from difflab.export import unet2d_config, unet2d_state
 from difflab.losses import denoising_loss
-from difflab.models import build, model_config
-from difflab.nn import unet_config
+from difflab.models import Model, model_config
+from difflab.nn import UNet, unet_config
 from difflab.schedules import make_schedule
 
+RESULTS = Path(__file__).resolve().parent / "results"
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}  # dense bf16 FLOP/s
 
-def sync(device):
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--size", type=int, default=8)
-    ap.add_argument("--channels", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=30, help="timed training steps")
-    ap.add_argument("--sample-batch", type=int, default=256)
-    ap.add_argument("--sample-steps", type=int, default=50)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--compile", action="store_true")
-    args = ap.parse_args()
+def precision(device: torch.device, mode: str):
+    return (torch.autocast(device.type, dtype=torch.bfloat16) if mode != "fp32" else contextlib.nullcontext())
 
-    device = resolve_device(args.device)
-    cuda = device.type == "cuda"
+
+def forward_flops(net, x, t) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x, t)
+    return counter.get_total_flops() / x.shape[0]
+
+
+def timed(fn, device: torch.device, repeats: int, warmups: int = 2) -> tuple[float, float]:
+    """(seconds per call after warm-up, warm-up seconds) -- the warm-up holds compilation and autotuning."""
+    start = time.perf_counter()
+    for _ in range(warmups):
+        fn()
+    sync(device)
+    warm = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats, warm
+
+
+def build(args, device, mode):
+    """The difflab model and the diffusers UNet2DModel with the same weights, in the mode's memory format."""
+    import diffusers
+
+    torch.manual_seed(0)
+    config = unet_config(args.preset, image_size=args.size, in_channels=args.channels)
+    net = UNet(config)
+    with torch.no_grad():  # random weights everywhere: zero-initialised layers would make both trivially equal
+        for p in net.parameters():
+            p.normal_(0, 0.02)
+    unet = diffusers.UNet2DModel.from_config({k: v for k, v in unet2d_config(config).items() if k != "_class_name"})
+    unet.load_state_dict(unet2d_state(net.state_dict()))
     param = VPParameterization(make_schedule("linear", 1000))
-    ucfg = unet_config(args.preset, image_size=args.size, in_channels=args.channels)
-    model = build(model_config(ucfg, parameterization=param, data={"name": "random"})).to(device)
-    net = model.denoiser.net
-    if cuda:
-        net = net.to(memory_format=torch.channels_last)
-    denoiser = Denoiser(torch.compile(net) if args.compile else net, param)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda or None)
-    x0 = torch.rand(args.batch, args.channels, args.size, args.size, device=device) * 2 - 1
+    model = Model(Denoiser(net, param), PixelEncoder(), None,
+                  model_config(config, parameterization=param, data={"name": "random"}))
+    fmt = memory_format(device, args.size)  # difflab's rule (channels-last on GPU, on CPU from 16 px), for both
+    net, unet = net.to(device, memory_format=fmt), unet.to(device, memory_format=fmt)
+    x, t = torch.randn(4, args.channels, args.size, args.size, device=device), torch.tensor([10, 300, 600, 990],
+                                                                                              device=device)
+    with torch.no_grad():
+        gap = float((net.eval()(x, t) - unet.eval()(x, t).sample).abs().max())
+    assert gap < 1e-3, f"the two networks differ by {gap}"
+    return model, net, unet, param
+
+
+def train_step_difflab(model, net, param, device, mode, batch, channels, size):
+    compiled = torch.compile(net) if mode == "compiled" else net
+    denoiser = Denoiser(compiled, param)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    ema = [p.detach().clone() for p in net.parameters()]
+    params = list(net.parameters())
+    x0 = torch.rand(batch, channels, size, size, device=device) * 2 - 1
+    g = torch.Generator(device).manual_seed(0)
+    net.train()
 
     def step():
-        sigma = param.sample_sigma(args.batch, None, device)
-        with autocast(device):
-            loss = denoising_loss(denoiser, x0, sigma, torch.randn_like(x0), weight=param.loss_weight(sigma)).mean()
+        sigma = param.sample_sigma(batch, g, device)
+        with precision(device, mode):
+            loss = denoising_loss(denoiser, x0, sigma, torch.randn(x0.shape, generator=g, device=device),
+                                  weight=param.loss_weight(sigma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, params, 1 - 0.999)
+    return step
 
-    for _ in range(5):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(device)
-    train_ips = args.steps * args.batch / (time.perf_counter() - start)
 
-    net.eval()
-    with autocast(device):
-        generate(model, min(8, args.sample_batch), steps=2)  # warm-up
-        sync(device)
-        start = time.perf_counter()
-        generate(model, args.sample_batch, steps=args.sample_steps, batch_size=args.sample_batch)
-        sync(device)
-    sample_ips = args.sample_batch / (time.perf_counter() - start)
+def train_step_diffusers(unet, device, mode, batch, channels, size):
+    import diffusers
+    from diffusers.training_utils import EMAModel
 
-    params = sum(p.numel() for p in net.parameters()) / 1e6
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{'device':<28} {'preset':<14} {'params':>8} {'image':>9} {'batch':>6} {'train img/s':>12} {'sample img/s':>13}")
-    print(f"{name:<28} {args.preset:<14} {params:>7.2f}M {args.channels}x{args.size}x{args.size:<4} {args.batch:>6} "
-          f"{train_ips:>12.0f} {sample_ips:>13.1f}  (DDIM {args.sample_steps} steps)")
+    compiled = torch.compile(unet) if mode == "compiled" else unet
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    ema = EMAModel(unet.parameters(), decay=0.999, foreach=True)
+    x0 = torch.rand(batch, channels, size, size, device=device) * 2 - 1
+    unet.train()
+
+    def step():
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        x_t = scheduler.add_noise(x0, noise, t)
+        with precision(device, mode):
+            loss = F.mse_loss(compiled(x_t, t).sample.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.step(unet.parameters())
+    return step
+
+
+def sample_difflab(model, net, device, mode, batch, sampler, steps):
+    model.denoiser.eval()
+    if mode == "compiled":
+        model = Model(Denoiser(torch.compile(net), model.parameterization), model.encoder, None, model.config)
+
+    def run():
+        with precision(device, mode):
+            difflab.generate(model, batch, sampler=sampler, steps=steps, batch_size=batch, clip=False)
+    return run
+
+
+def sample_diffusers(unet, device, mode, batch, channels, size, sampler, steps):
+    import diffusers
+
+    compiled = torch.compile(unet.eval()) if mode == "compiled" else unet.eval()
+    cls = diffusers.DDIMScheduler if sampler == "ddim" else diffusers.DPMSolverMultistepScheduler
+    scheduler = cls(num_train_timesteps=1000, clip_sample=False) if sampler == "ddim" else cls(num_train_timesteps=1000)
+
+    @torch.no_grad()
+    def run():
+        scheduler.set_timesteps(steps, device=device)
+        x = torch.randn(batch, channels, size, size, device=device)
+        with precision(device, mode):
+            for t in scheduler.timesteps:
+                x = scheduler.step(compiled(x, t).sample, t, x).prev_sample
+    return run
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default=None, help="one preset (default: tiny at 8x8 and small at 28x28 on CPU)")
+    ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--channels", type=int, default=1)
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: 64,128 for tiny, 64 for "
+                    "the others)")
+    ap.add_argument("--modes", default="fp32", help="comma-separated: fp32, bf16, compiled (default: fp32)")
+    ap.add_argument("--repeats", type=int, default=10, help="timed training steps per row (default: 10)")
+    ap.add_argument("--no-sampling", action="store_true")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", default=None, help="where to write the JSON (default: benchmarks/results/speed_<device>)")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    setups = [(args.preset, args.size or 32)] if args.preset else [("tiny", 8), ("small", 28)]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    rows = []
+    header = (f"{'preset':<13} {'batch':>5} {'mode':<9} {'what':<16} {'difflab img/s':>13} {'diffusers img/s':>15} "
+              f"{'ratio':>6} {'warm-up s':>10} {'peak GB':>8} {'MFU/GFLOPs':>11}")
+    print(f"{name}; torch {torch.__version__}\n{header}", flush=True)
+    for preset, size in setups:
+        for mode in args.modes.split(","):
+            a = argparse.Namespace(preset=preset, size=size, channels=args.channels)
+            model, net, unet, param = build(a, device, mode)
+            flops = forward_flops(net, torch.randn(2, args.channels, size, size, device=device),
+                                  torch.tensor([1, 2], device=device))
+            batches = args.batches or ("64,128" if preset == "tiny" else "64")
+            for batch in (int(b) for b in batches.split(",")):
+                cases = [("train", 3 * flops, lambda: train_step_difflab(model, net, param, device, mode, batch,
+                                                                           args.channels, size),
+                          lambda: train_step_diffusers(unet, device, mode, batch, args.channels, size), args.repeats)]
+                if not args.no_sampling:
+                    for sampler, steps in (("ddim", 50), ("dpmpp_2m", 20)):
+                        cases.append((f"sample {sampler}-{steps}", steps * flops,
+                                      lambda s=sampler, n=steps: sample_difflab(model, net, device, mode, batch, s, n),
+                                      lambda s=sampler, n=steps: sample_diffusers(unet, device, mode, batch,
+                                                                                  args.channels, size, s, n), 1))
+                for what, flops_per_image, ours, theirs, repeats in cases:
+                    result = {}
+                    for library, make in (("difflab", ours), ("diffusers", theirs)):
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats(device)
+                        seconds, warm = timed(make(), device, repeats, warmups=2 if what == "train" else 1)
+                        memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                        result[library] = {"images_per_s": batch / seconds, "warmup_s": warm, "peak_gb": memory,
+                                           "flop_per_s": flops_per_image * batch / seconds}
+                    ours_r, theirs_r = result["difflab"], result["diffusers"]
+                    use = ours_r["flop_per_s"] / peak if peak else None
+                    rows.append({"preset": preset, "size": size, "batch": batch, "mode": mode, "what": what,
+                                 "forward_gflop_per_image": flops / 1e9, **{k: v for k, v in result.items()},
+                                 "ratio": ours_r["images_per_s"] / theirs_r["images_per_s"], "mfu": use})
+                    mem = f"{ours_r['peak_gb']:.2f}" if ours_r["peak_gb"] is not None else "-"
+                    util = f"{100 * use:.1f}%" if use is not None else f"{ours_r['flop_per_s'] / 1e9:.1f}"
+                    print(f"{preset:<13} {batch:>5} {mode:<9} {what:<16} {ours_r['images_per_s']:>13.1f} "
+                          f"{theirs_r['images_per_s']:>15.1f} {rows[-1]['ratio']:>6.2f} {ours_r['warmup_s']:>10.1f} "
+                          f"{mem:>8} {util:>11}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    out = Path(args.json) if args.json else RESULTS / f"speed_{device.type}.json"
+    meta = {"date": time.strftime("%Y-%m-%d"), "device": name, "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(), "peak_bf16_flop_per_s": peak}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"-> {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -290,8 +290,7 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
         elif self.conditioner is not None:  # Ho & Salimans 2022, Algorithm 1: drop with probability p_uncond
             cond = cond_index(self.conditioner.drop(self.labels[idx], generator), self.shard)
         x0 = x0[self.shard]  # this process's slice of the global batch
-        if device.type == "cuda":
-            x0 = x0.contiguous(memory_format=torch.channels_last)
+        x0 = x0.contiguous(memory_format=self.ctx.memory_format)  # the network's (devices.memory_format)
         return DiffusionBatch(x0, sigma[self.shard], noise[self.shard], cond)
 
     def loss(self, net, b: DiffusionBatch):

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from difflab import distributed
-from difflab.devices import autocast
+from difflab.devices import autocast, memory_format
 from difflab.errors import DifflabError, Interrupted
 from difflab.training.checkpoint import (
     CheckpointWriteError,
@@ -146,8 +146,8 @@ def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
     torch.manual_seed(run.seed)  # initial weights
     ctx.run_dir = resume  # a resumed run is known before setup (a latent model takes its autoencoder from it)
     net = task.setup()
-    if ctx.device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+    ctx.memory_format = memory_format(ctx.device, getattr(getattr(net, "config", None), "image_size", None))
+    net = net.to(memory_format=ctx.memory_format)
     run = task.run  # resolved from the data (image size, channels, ...)
     # the EMAs are never trained, only averaged into: eval mode for good (dropout off when they are sampled)
     state = RunState(net, {name: copy.deepcopy(net).requires_grad_(False).eval() for name in names}, task.ema_decays(),

@@ -53,6 +53,7 @@ class Context:
     progress: bool                       # show progress bars (the main process, unless asked to be quiet)
     run_dir: Path | None = None          # set once the folder is chosen (before the first step)
     board: Any = None                    # a TensorBoardLogger with --logger tensorboard (main process), else None
+    memory_format: torch.memory_format = torch.contiguous_format  # of the network and its batches (devices.py)
 
     @property
     def device(self) -> torch.device:
