@@ -13,7 +13,7 @@ mapping (`export.unet2d_config`) and the same weights, so it computes the same f
 * sampling: DDIM with 50 steps and DPM-Solver++(2M) with 20 at batch B. difflab: `difflab.generate`; diffusers:
   the scheduler loop of its pipelines (`DDIMScheduler`, `DPMSolverMultistepScheduler`).
 * modes: fp32; bf16 (autocast); compiled (bf16 + `torch.compile` of the network). Both networks take difflab's
-  memory format (channels-last on a GPU, and on a CPU from 16 px: `devices.memory_format`).
+  memory format (channels-last on a GPU, NCHW on a CPU: `devices.memory_format`).
 
 Reported: images/s after warm-up (the warm-up time is reported too: it holds the compilation), peak memory (CUDA),
 and model FLOP utilisation (FLOPs of the network counted by torch's FlopCounterMode, training = 3x forward, over the
@@ -92,7 +92,7 @@ def build(args, device, mode):
     param = VPParameterization(make_schedule("linear", 1000))
     model = Model(Denoiser(net, param), PixelEncoder(), None,
                   model_config(config, parameterization=param, data={"name": "random"}))
-    fmt = memory_format(device, args.size)  # difflab's rule (channels-last on GPU, on CPU from 16 px), for both
+    fmt = memory_format(device, args.size)  # difflab's rule (channels-last on a GPU, NCHW on a CPU), for both
     net, unet = net.to(device, memory_format=fmt), unet.to(device, memory_format=fmt)
     x, t = torch.randn(4, args.channels, args.size, args.size, device=device), torch.tensor([10, 300, 600, 990],
                                                                                               device=device)

@@ -28,15 +28,9 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
 
 
-CPU_CHANNELS_LAST_FROM = 16  # px: below it NHWC convolutions lose on CPU, from it they win (benchmarks/speed.py)
-
-
-def memory_format(device: torch.device, image_size: int | None) -> torch.memory_format:
-    """Channels-last where it pays: always on a GPU (tensor-core convolutions are NHWC); on a CPU for feature maps of
-    16 px and up. Measured on 2 cores, training step (forward + backward): the small preset at 28 px is 11% faster
-    channels-last, the tiny one at 8 px 8% slower."""
-    if torch.device(device).type == "cuda":
-        return torch.channels_last
-    if torch.device(device).type == "cpu" and image_size is not None and image_size >= CPU_CHANNELS_LAST_FROM:
-        return torch.channels_last
-    return torch.contiguous_format
+def memory_format(device: torch.device, image_size: int | None = None) -> torch.memory_format:
+    """Channels-last on a GPU (tensor-core convolutions are NHWC); NCHW on a CPU, where channels-last measured no
+    faster on 2 cores (training step forward + backward, benchmarks/speed.py's networks: within this machine's +-10%
+    noise for the tiny and small presets at 16-32 px, in repeated runs either way; no faster at 8 px).
+    ``image_size`` is kept for a rule that depends on it."""
+    return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
