@@ -92,7 +92,7 @@ def build(args, device, mode):
     param = VPParameterization(make_schedule("linear", 1000))
     model = Model(Denoiser(net, param), PixelEncoder(), None,
                   model_config(config, parameterization=param, data={"name": "random"}))
-    fmt = memory_format(device, args.size)  # difflab's rule (channels-last on a GPU, NCHW on a CPU), for both
+    fmt = memory_format(device)  # difflab's rule (channels-last on a GPU, NCHW on a CPU), for both
     net, unet = net.to(device, memory_format=fmt), unet.to(device, memory_format=fmt)
     x, t = torch.randn(4, args.channels, args.size, args.size, device=device), torch.tensor([10, 300, 600, 990],
                                                                                               device=device)

@@ -28,9 +28,8 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
 
 
-def memory_format(device: torch.device, image_size: int | None = None) -> torch.memory_format:
+def memory_format(device: torch.device) -> torch.memory_format:
     """Channels-last on a GPU (tensor-core convolutions are NHWC); NCHW on a CPU, where channels-last measured no
     faster on 2 cores (training step forward + backward, benchmarks/speed.py's networks: within this machine's +-10%
-    noise for the tiny and small presets at 16-32 px, in repeated runs either way; no faster at 8 px).
-    ``image_size`` is kept for a rule that depends on it."""
+    noise for the tiny and small presets at 16-32 px, in repeated runs either way; no faster at 8 px)."""
     return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format

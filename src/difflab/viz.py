@@ -101,17 +101,26 @@ def _pyplot():
     return plt
 
 
+def read_log(log_path: str | Path) -> list[dict]:
+    """The rows of a JSONL training log (none when there is no file yet); a line cut short (a crash, a full disk) is
+    left out."""
+    if not Path(log_path).is_file():
+        return []
+    rows = []
+    for line in Path(log_path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def plot_loss(log_path: str | Path, out_path: str | Path) -> Path | None:
     """Draw ``loss.png`` from the JSONL training log (raw and smoothed loss, log scale)."""
     plt = _pyplot()
     if not Path(log_path).is_file():  # nothing logged yet
         return None
-    all_rows = []
-    for line in Path(log_path).read_text().splitlines():
-        try:
-            all_rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short (a crash, a full disk)
-            continue
+    all_rows = read_log(log_path)
     rows = [r for r in all_rows if r.get("loss") is not None]  # None: every step of that interval was skipped
     evals = [r for r in all_rows if any(k.startswith("eval_") for k in r)]
     if not rows:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from difflab.extras import require
+from difflab.viz import read_log
 
 FOLDER = "tensorboard"  # inside the run folder
 
@@ -65,8 +65,9 @@ class TensorBoardLogger:
         self.writer = tensorboard.SummaryWriter(str(folder), flush_secs=20,
                                                 purge_step=None if resumed_at is None else resumed_at + 1)
         if earlier:  # the run so far, from its log.jsonl (already cut back to the checkpoint); pictures from now on
-            for row in _rows(Path(run_dir) / "log.jsonl"):
-                self.scalars(row)
+            with contextlib.suppress(OSError):
+                for row in read_log(Path(run_dir) / "log.jsonl"):
+                    self.scalars(row)
 
     def scalars(self, row: dict) -> None:
         """One log.jsonl row: each number at the row's step (a None -- a non-finite value -- is left out, as
@@ -113,12 +114,3 @@ def _fingerprints(folder: Path) -> dict[Path, tuple]:
             stat = path.stat()
             prints[path] = (stat.st_mtime_ns, stat.st_size, hashlib.sha1(path.read_bytes()).digest())
     return prints
-
-
-def _rows(path: Path) -> list[dict]:
-    rows = []
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
-    return rows

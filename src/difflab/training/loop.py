@@ -146,7 +146,7 @@ def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
     torch.manual_seed(run.seed)  # initial weights
     ctx.run_dir = resume  # a resumed run is known before setup (a latent model takes its autoencoder from it)
     net = task.setup()
-    ctx.memory_format = memory_format(ctx.device, getattr(getattr(net, "config", None), "image_size", None))
+    ctx.memory_format = memory_format(ctx.device)
     net = net.to(memory_format=ctx.memory_format)
     run = task.run  # resolved from the data (image size, channels, ...)
     # the EMAs are never trained, only averaged into: eval mode for good (dropout off when they are sampled)
