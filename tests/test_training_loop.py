@@ -168,13 +168,22 @@ def test_old_run_folders_load_to_the_same_outputs():
                                                   ("classifier-run", difflab.train_classifier, ("model",))])
 def test_old_run_folders_resume_exactly(tmp_path, folder, train, which):
     """Resumed from step 2 by today's loop, they reach the weights the old version reached when trained straight
-    to step 4 (the classifier's EMA is new: only its raw weights are compared)."""
+    to step 4 (the classifier's EMA is new: only its raw weights are compared). expected_step4.safetensors holds the
+    weights the version before issue 16 reached (their hashes are the ones recorded with the fixture); since then
+    AdamW is the fused kernel, which rounds differently, and Adam's m / sqrt(v) magnifies rounding for weights whose
+    gradient is nearly zero: equal within a tenth of one step at the run's learning rate (2e-3)."""
     run = shutil.copytree(OLD_RUNS / folder, tmp_path / folder)
     assert train(resume=run, steps=4, progress=False) == run
     hashes = json.loads((OLD_RUNS / "expected_step4.json").read_text())
     hashes = next(iter(hashes.values()))
+    reference = load_file(OLD_RUNS / "expected_step4.safetensors")
     prefix = "classifier" if folder.startswith("classifier") else ""
     for w in which:
         key = f"{prefix}_step4" if prefix else f"{w}_step4"
-        assert _sha(_weights(run / "checkpoints" / "step_0000004", w)) == hashes[key], w
+        expected = {k.split(".", 1)[1]: v for k, v in reference.items() if k.split(".", 1)[0] == (prefix or w)}
+        assert _sha(expected) == hashes[key], w  # the reference is the old version's result
+        got = _weights(run / "checkpoints" / "step_0000004", w)
+        assert got.keys() == expected.keys()
+        for k in expected:
+            torch.testing.assert_close(got[k].float(), expected[k], rtol=0, atol=2e-4, msg=f"{w} {k}")
     assert json.loads((run / "config.json").read_text())["run"]["steps"] == 4  # now in today's format

@@ -22,10 +22,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on a GPU (networks run in bf16, sampler and loss arithmetic stay float32); nothing on a CPU,
-    where bf16 matmuls are slower than float32 and would change results."""
-    return torch.autocast("cuda", torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
+def autocast(device: torch.device, precision: str = "auto"):
+    """The mixed-precision rule. ``auto``: bf16 autocast on a GPU (networks run in bf16, sampler and loss arithmetic
+    stay float32), nothing on a CPU, where bf16 convolutions are slower than float32; ``bf16``: autocast on any device
+    (a CPU too: how the tests compare the two); ``fp32``: nothing."""
+    device = torch.device(device)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, torch.bfloat16)
+    return nullcontext()
 
 
 def memory_format(device: torch.device) -> torch.memory_format:

@@ -14,6 +14,7 @@ sigma grids come from :func:`sampling_sigmas`.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,18 @@ class NoiseSchedule:
     def T(self) -> int:
         return len(self.betas)
 
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas, log sigmas) on ``device``, copied there once: a copy per network call would make the host wait
+        for the GPU every time."""
+        key = str(device)
+        if key not in _ON_DEVICE.setdefault(id(self), {}):
+            _ON_DEVICE[id(self)][key] = (self.sigmas.to(device), self.sigmas.log().to(device))
+            weakref.finalize(self, _ON_DEVICE.pop, id(self), None)
+        return _ON_DEVICE[id(self)][key]
+
+
+_ON_DEVICE: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # NoiseSchedule.on's copies
+
 
 def make_schedule(name: str = "linear", T: int = 1000, **kwargs) -> NoiseSchedule:
     """Build a :class:`NoiseSchedule` from a beta schedule name ("linear", "cosine", "quadratic", "sigmoid")."""
@@ -137,8 +150,8 @@ def sigma_to_t(sigma: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
 
     Exact for the schedule's own sigmas; in between, linear interpolation in log-sigma (k-diffusion's
     convention), so any sigma grid can drive a network trained on discrete timesteps."""
-    log_sigmas = schedule.sigmas.log().to(device=sigma.device)
-    log_sigma = sigma.to(torch.float64).clamp(min=schedule.sigmas[0].item(), max=schedule.sigmas[-1].item()).log()
+    sigmas, log_sigmas = schedule.on(sigma.device)
+    log_sigma = sigma.to(torch.float64).clamp(min=sigmas[0], max=sigmas[-1]).log()
     idx = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(log_sigmas) - 1)
     lo, hi = log_sigmas[idx - 1], log_sigmas[idx]
     w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)

@@ -270,7 +270,7 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
 
     def batch(self, step: int, generator: torch.Generator) -> DiffusionBatch:
         run, device = self.run, self.ctx.device
-        idx = batch_indices(step, run.batch_size, len(self.images), run.seed).to(device)
+        idx = batch_indices(step, run.batch_size, len(self.images), run.seed, device)
         if self.latents is not None:  # latent diffusion: a fresh posterior draw z ~ q(z | x) of each cached image
             rows = idx
             if run.hflip:  # the mirrored copy of image i is row N + i of the cache
@@ -326,7 +326,7 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
         run_dir = self.ctx.run_dir
         sample_grid(self.ctx, self.model(ema), self.conditioner, self.config.num_samples,
                     [run_dir / "samples" / f"step_{step:07d}.png", run_dir / "samples.png"],
-                    steps=self.config.sample_steps, **self._guidance())
+                    steps=self.config.sample_steps, precision=self.run.precision, **self._guidance())
 
     def evaluate(self, step: int, ema) -> dict[str, float]:
         """Metrics of eval_samples generated images (the model's default sampler; every class equally often)
@@ -336,21 +336,22 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
             given = {"prompts": [self.captions.texts[i % len(self.captions.texts)] for i in range(n)]}
         elif self.conditioner is not None:
             given = {"cond": self.conditioner.balanced(n)}
-        with autocast(self.ctx.device):  # every process samples a share of the images; the main one scores them
+        with autocast(self.ctx.device, self.run.precision):  # every process samples a share of the images; the main one scores them
             fake = generate_sharded(self.model(ema), n, seed=10_000, **given, **self._guidance())
         result: dict[str, float] = {}
         self.ctx.on_main("evaluation", lambda: result.update(self.evaluator(fake)))
         return result
 
 
-def sample_grid(ctx, model: Model, conditioner, num_samples: int, paths: list[Path], **options) -> None:
+def sample_grid(ctx, model: Model, conditioner, num_samples: int, paths: list[Path], precision: str = "auto",
+                **options) -> None:
     """The progress picture of a generative task: about ``num_samples`` images from seed 0 (one row per class or
     prompt when ``conditioner`` has them, the prompt written under each cell), sampled by every process and drawn
     by the main one into each of ``paths``. ``options`` go to :func:`difflab.generate.generate`."""
     cond, nrow = conditioner.grid(num_samples) if conditioner else (None, None)
     prompts = cond if isinstance(conditioner, TextConditioner) else None
     n = len(prompts) if prompts else cond_len(cond) or num_samples
-    with autocast(ctx.device):
+    with autocast(ctx.device, precision):
         grid = generate_sharded(model, n, seed=0, **options, **({"prompts": prompts} if prompts else {"cond": cond}))
 
     def draw() -> None:

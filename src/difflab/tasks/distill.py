@@ -382,6 +382,9 @@ A progressive run folder holds stage_<N>_steps/ (weights, config.json, samples.p
             null = self.teacher_model.conditioner.null(1)
         return classifier_free_guidance(teacher, w, null_cond=null)
 
+    def checks_before(self, step: int) -> bool:
+        return step in self.ends
+
     def after_step(self, step: int) -> None:
         """At the end of a stage: write its folder (EMA weights, config, sample grid). In progressive distillation the
         EMA then becomes the next stage's teacher and the student's new start (Salimans & Ho Alg. 2: the student

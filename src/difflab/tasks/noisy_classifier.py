@@ -109,7 +109,7 @@ The run folder holds accuracy.json / accuracy.png: held-out accuracy at each noi
 
     def batch(self, step: int, generator: torch.Generator) -> ClassifierBatch:
         run, device = self.run, self.ctx.device
-        idx = self.train_idx[batch_indices(step, run.batch_size, len(self.train_idx), run.seed).to(device)]
+        idx = self.train_idx[batch_indices(step, run.batch_size, len(self.train_idx), run.seed, device)]
         x0, labels = to_model_range(self.images[idx]), self.labels[idx]
         if run.hflip:
             x0 = random_hflip(x0, generator)

@@ -171,7 +171,7 @@ class VAETask(Task):
 
     def batch(self, step: int, generator: torch.Generator) -> VAEBatch:
         run, device = self.run, self.ctx.device
-        idx = batch_indices(step, run.batch_size, len(self.images), run.seed).to(device)
+        idx = batch_indices(step, run.batch_size, len(self.images), run.seed, device)
         x = to_model_range(self.images[idx])
         if run.hflip:
             x = random_hflip(x, generator)

@@ -103,7 +103,13 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     for name, value in meta["scalars"].items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # the settings of a group come back; how the step is computed (fused, foreach, ...) stays this optimizer's
+    groups = [{**saved, **{k: now[k] for k in IMPLEMENTATION if k in now}}
+              for saved, now in zip(meta["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")  # optimizer flags that are not settings
 
 
 def checkpoint_nbytes(*tensor_dicts: dict[str, torch.Tensor]) -> int:

@@ -18,6 +18,7 @@ from difflab.errors import DifflabError
 from difflab.extras import require
 
 LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "bf16", "fp32")  # devices.autocast
 LOGGERS = ("jsonl", "tensorboard")  # log.jsonl is always written; tensorboard adds event files beside it
 
 
@@ -59,7 +60,10 @@ class RunConfig:
                                      "is skipped, counted and logged (0 = never stop)")
     # runtime
     device: str = setting("auto", "cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    compile: bool = setting(False, "torch.compile the network (GPU; pays off for long runs)")
+    precision: str = setting("auto", "auto (bf16 autocast on a GPU, float32 on a CPU), bf16 (autocast, also on a CPU) "
+                                     "or fp32")
+    compile: bool | None = setting(None, "torch.compile the network's training step (default: on a GPU, where it is "
+                                         "faster after a warm-up of about a minute; off on a CPU)")
     seed: int = setting(0, "random seed for initialisation, data order and noise", frozen=True)
     # outputs
     out: str = setting("runs", "folder that holds run folders")
@@ -125,6 +129,8 @@ def check_run(run: RunConfig) -> None:
     check_run_name(run.name)
     if run.lr_schedule not in LR_SCHEDULES:
         raise DifflabError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got '{run.lr_schedule}'")
+    if run.precision not in PRECISIONS:
+        raise DifflabError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{run.precision}'")
     if run.logger not in LOGGERS:
         raise DifflabError(f"--logger must be one of {', '.join(LOGGERS)}, got '{run.logger}'")
     if run.logger == "tensorboard":  # now, not after the data is loaded and the first steps are trained

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +53,7 @@ from difflab.training.runs import (
     step_seed,
     truncate_log,
 )
+from difflab.training.step import Updater
 from difflab.training.task import Context, Task
 from difflab.viz import plot_loss
 
@@ -151,8 +151,8 @@ def _train(task: Task, resume: Path | None, overwrite: bool) -> Path:
     run = task.run  # resolved from the data (image size, channels, ...)
     # the EMAs are never trained, only averaged into: eval mode for good (dropout off when they are sampled)
     state = RunState(net, {name: copy.deepcopy(net).requires_grad_(False).eval() for name in names}, task.ema_decays(),
-                     torch.optim.AdamW(net.parameters(), lr=run.lr, weight_decay=run.weight_decay,
-                                       fused=ctx.device.type == "cuda" or None),
+                     # fused: one kernel for all parameters, and it takes the device-side skip flag (step.py)
+                     torch.optim.AdamW(net.parameters(), lr=run.lr, weight_decay=run.weight_decay, fused=True),
                      torch.Generator(device=ctx.device).manual_seed(run.seed + 1))
     task.emas = state.emas  # a task that learns from its own EMA (a consistency model's target network) reads it
     lock = None  # the run folder's lock (main process): one writer per folder, held to the end
@@ -236,13 +236,17 @@ def _restore(state: RunState, run_dir: Path, seed: int, command: str) -> None:
 
 
 def _loop(task: Task, state: RunState) -> None:
-    ctx, run = task.ctx, task.run
+    ctx, run, world = task.ctx, task.run, task.ctx.dist.world_size
     train_net = state.net  # what the optimizer trains: wrapped by DDP (gradients averaged in backward) and compiled
-    if ctx.dist.world_size > 1:
+    if world > 1:
         train_net = nn.parallel.DistributedDataParallel(state.net, device_ids=[ctx.device.index]
                                                         if ctx.device.type == "cuda" else None)
-    if run.compile:
+    if compile_enabled(run, ctx.device):
         train_net = torch.compile(train_net)
+    # backward, clipping, the non-finite gate, AdamW and the EMAs, queued on the device without waiting for it;
+    # the host reads the device's accounts at the checks below (training/step.py)
+    updater = Updater(state.net, state.emas, state.decays, state.optimizer, grad_clip=run.grad_clip,
+                      world_size=world, first_step=state.step)
     bar = tqdm(total=run.steps, initial=state.step, desc=f"training {ctx.run_dir.name}", unit="step",
                disable=not ctx.progress, dynamic_ncols=True)
     state.log = new_log()
@@ -256,98 +260,81 @@ def _loop(task: Task, state: RunState) -> None:
             # generator state and the processes of a DDP run drop different units
             torch.manual_seed(step_seed(run.seed, step, ctx.dist.rank))
             batch = task.batch(step, state.noise)
-            with autocast(ctx.device):
+            with autocast(ctx.device, run.precision):
                 per_example, metrics = task.loss(train_net, batch)
                 loss = per_example.mean()
-            stop_agreed = _update(task, state, loss, metrics, stop.requested)
+            stop_now = stop.requested  # read once: the check below and the stop agree
+            # the schedule and the EMA warm-up count the updates known at the last check
+            lr = learning_rate(state.updates, run)
+            updater.step(loss, metrics, lr=lr, updates=state.updates, stop_requested=stop_now)
+            state.step += 1
+            state.log.update(steps=state.log["steps"] + 1, lr=lr)
             bar.update(1)
             done = state.step
-            if done % run.log_every == 0 or done == run.steps:  # every process keeps the same sums; main writes
+            logged = done % run.log_every == 0 or done == run.steps
+            evaluate = bool(run.eval_every) and done % run.eval_every == 0 and done < run.steps
+            show = bool(run.sample_every) and done % run.sample_every == 0 and done < run.steps
+            save = done % run.checkpoint_every == 0 and done < run.steps
+            # a check (the one wait for the device) before anything reads the weights or the step's accounts
+            if logged or evaluate or show or save or task.checks_before(done) or (world == 1 and stop_now):
+                stop_agreed = _settle(task, state, updater.check()) or (world == 1 and stop_now)
+            task.after_step(done)  # after the EMAs, before any checkpoint of this step: what it changes is saved with it
+            if logged:  # every process keeps the same sums; main writes
                 row = log_row(state, run.batch_size)
                 ctx.log(row)
                 if ctx.main and row["loss"] is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
             if stop_agreed or done == run.steps:  # an interrupt goes straight to the checkpoint; the end is below
                 continue
-            if run.eval_every and done % run.eval_every == 0:
+            if evaluate:
                 _evaluate(task, state, done)
-            if run.sample_every and done % run.sample_every == 0:
+            if show:
                 _show(task, state.emas["ema"], done)
-            if done % run.checkpoint_every == 0:
+            if save:
                 _checkpoint(task, state, done)
     finally:
         stop.restore()
         bar.close()
 
 
-def _update(task: Task, state: RunState, loss: torch.Tensor, metrics: dict, stop_requested: bool) -> bool:
-    """Backward, clip, share, and -- if the step is finite everywhere -- the optimizer step and the EMAs.
-    Returns whether any process was asked to stop."""
-    ctx, run, world = task.ctx, task.run, task.ctx.dist.world_size
-    params, updates = list(state.net.parameters()), state.updates
-    lr = learning_rate(updates, run)
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # under DDP the gradients arrive averaged over all processes
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.grad_clip if run.grad_clip > 0 else math.inf)
-    # one small all-reduce per step: the mean loss and metrics, and whether any process was asked to stop
-    shared = distributed.all_reduce_(torch.stack([loss.detach().float(), grad_norm.float(),
-                                                  *(m.detach().float().mean() for m in metrics.values()),
-                                                  torch.tensor(float(stop_requested), device=ctx.device)]), "sum")
-    mean_loss, grad_norm = shared[0] / world, shared[1] / world
-    state.step += 1
-    log = state.log
-    log.update(steps=log["steps"] + 1, lr=lr, grad_norm=float(grad_norm))
-    if torch.isfinite(mean_loss) and torch.isfinite(grad_norm) and _optimizer_step(state.optimizer, params):
-        with torch.no_grad():  # outside autograd, or every step would extend the graph
-            for name, decay in state.decays.items():
-                # EMA with a warm-up so short runs are not dominated by the initialisation
-                decay = min(decay, (1 + updates) / (10 + updates))
-                torch._foreach_lerp_(list(state.emas[name].parameters()), params, 1 - decay)
-                for b_ema, b in zip(state.emas[name].buffers(), state.net.buffers()):  # e.g. BatchNorm statistics
-                    b_ema.copy_(b)
-        names = ["loss", *metrics]
-        for name, value in zip(names, shared[[0, *range(2, len(names) + 1)]] / world):  # loss, then the metrics
-            log["sums"][name] = log["sums"].get(name, 0.0) + float(value)
-        log.update(finite=log["finite"] + 1, bad_in_a_row=0)
-    else:  # a non-finite step changes nothing: no update, no EMA, no schedule step; counted and logged
-        state.skipped += 1
-        log["bad_in_a_row"] += 1
-        if ctx.main:
-            tqdm.write(f"warning: step {state.step}: non-finite loss, gradient or updated weights, step skipped "
-                       f"({log['bad_in_a_row']} in a row, {state.skipped} in all)")
-    task.after_step(state.step)  # after the EMAs, before any checkpoint of this step: what it changes is saved with it
-    if run.max_bad_steps and log["bad_in_a_row"] >= run.max_bad_steps:
+def compile_enabled(run, device: torch.device) -> bool:
+    """``--compile`` as asked; by default on a GPU (the compiled training step is faster there, benchmarks/speed.py)
+    and off on a CPU (where the compilation takes longer than a demo run trains)."""
+    return run.compile if run.compile is not None else torch.device(device).type == "cuda"
+
+
+def _settle(task: Task, state: RunState, report) -> bool:
+    """Take a check's report into the run state: skipped steps (warned about), the log row's sums, the stop at too
+    many non-finite steps in a row. Returns whether any process was asked to stop."""
+    ctx, run, log = task.ctx, task.run, state.log
+    state.skipped += len(report.bad)
+    log["finite"] += report.finite
+    for name, value in report.sums.items():
+        if report.finite:
+            log["sums"][name] = log["sums"].get(name, 0.0) + value
+    log["grad_norm"] = report.grad_norm
+    if ctx.main and report.bad:
+        in_a_row, previous, lines = log["bad_in_a_row"], report.first, []
+        for i, number in enumerate(report.bad):
+            in_a_row, previous = (in_a_row + 1 if number == previous + 1 else 1), number
+            lines.append(f"warning: step {number}: non-finite loss, gradient or updated weights, step skipped "
+                         f"({in_a_row} in a row, {state.skipped - len(report.bad) + i + 1} in all)")
+        if len(lines) > 10:
+            lines = [*lines[:5], f"warning: ... {len(lines) - 10} more ...", *lines[-5:]]
+        if report.undone is not None:
+            lines.insert(0, f"warning: step {report.undone}: the update made a weight non-finite: the weights, the "
+                            f"optimizer state and the EMAs go back to step {report.bad[0] - 1}")
+        for line in lines:
+            tqdm.write(line)
+    log["bad_in_a_row"] = report.bad_in_a_row
+    if run.max_bad_steps and report.most_in_a_row >= run.max_bad_steps:
         path = _checkpoint(task, state, state.step)
         raise DifflabError(
-            f"{log['bad_in_a_row']} non-finite steps in a row (up to step {state.step}): training diverged. The "
+            f"{report.most_in_a_row} non-finite steps in a row (up to step {state.step}): training diverged. The "
             f"weights were not touched by those steps{f' and are saved in {path}' if path else ''}; resume with "
             f"a lower --lr or --grad-clip: {task.command} --resume {shell_quote(ctx.run_dir)} --lr {run.lr / 10:g}",
             all_ranks=True)
-    return bool(shared[-1] > 0)
-
-
-@torch.no_grad()
-def _optimizer_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> bool:
-    """The optimizer step, undone when it makes any weight non-finite (a learning rate far too large, an update
-    that overflows): the weights and the optimizer's moments go back to what they were, so the step changes
-    nothing -- as a NaN loss changes nothing -- before the EMAs or a checkpoint could see it. Returns whether the
-    step stands. The copies cost the memory of the weights and moments once more while the step runs."""
-    saved = [p.detach().clone() for p in params]
-    moments = {p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
-               for p in params if p in optimizer.state}
-    optimizer.step()
-    if bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one host sync
-        return True
-    torch._foreach_copy_(params, saved)
-    for p in params:
-        if p not in moments:  # it had no state before this step (the first update)
-            optimizer.state.pop(p, None)
-            continue
-        for k, v in moments[p].items():
-            optimizer.state[p][k].copy_(v)
-    return False
+    return report.stop
 
 
 def _interrupted(task: Task, state: RunState, step: int) -> None:

@@ -88,19 +88,21 @@ def shell_quote(path) -> str:
     return shlex.quote(str(path))
 
 
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+def batch_indices(step: int, batch_size: int, n: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The dataset indices of a step: epochs are seeded permutations, so the order is a pure function
-    of the step and resuming needs no data-loader state."""
+    of the step and resuming needs no data-loader state. Each epoch's order is moved to ``device`` once, so a step
+    slices it there (no host-to-device copy, which would wait for the GPU, per step)."""
     start, stop = step * batch_size, (step + 1) * batch_size
     epochs = range(start // n, (stop - 1) // n + 1)
-    order = torch.cat([_epoch_permutation(e, n, seed) for e in epochs])
+    orders = [_epoch_permutation(e, n, seed, str(device)) for e in epochs]
+    order = orders[0] if len(orders) == 1 else torch.cat(orders)
     offset = start - epochs[0] * n
     return order[offset: offset + batch_size]
 
 
 @functools.lru_cache(maxsize=4)
-def _epoch_permutation(epoch: int, n: int, seed: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+def _epoch_permutation(epoch: int, n: int, seed: int, device: str) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).to(device)
 
 
 PHOTO_DATASETS = ("cifar10",)  # datasets where a mirror image is still a plausible image

@@ -19,6 +19,7 @@ labels)`` the same way):
         def evaluate(self, step, ema): ...             # optional: metrics of the EMA model, logged as eval_*
         def finish(self, ema): ...                     # optional: after the final checkpoint (accuracy table, ...)
         def after_step(self, step): ...                # optional: after each optimizer step (a distillation stage ends)
+        def checks_before(self, step): ...             # optional: True where after_step reads or changes the weights
         @classmethod
         def derived_run_settings(cls, config): ...     # optional: shared settings it derives (distill: steps)
 
@@ -126,6 +127,11 @@ class Task:
 
     def after_step(self, step: int) -> None:
         """After optimizer step ``step`` (called on every process, before that step's checkpoint)."""
+
+    def checks_before(self, step: int) -> bool:
+        """Whether :meth:`after_step` of ``step`` reads or changes the weights or EMAs (a distillation stage ends): the
+        loop then settles the device's accounts of the steps so far first (training/step.py)."""
+        return False
 
     def setup(self) -> nn.Module:
         """Load the data and build the network to train (on ``ctx.device``). May replace ``self.run`` and
