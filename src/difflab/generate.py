@@ -11,6 +11,7 @@ at the end. Image i always comes from seed ``seed + i``, whatever the batch size
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 import warnings
@@ -29,7 +30,7 @@ from difflab.conditioning import (
     cond_to,
     parse_classes,
 )
-from difflab.denoisers import DenoiserFn
+from difflab.denoisers import Denoiser, DenoiserFn
 from difflab.devices import autocast
 from difflab.errors import DifflabError
 from difflab.guidance import classifier_free_guidance, classifier_guidance, clip_x0, dynamic_threshold
@@ -119,8 +120,8 @@ def guide(model: Model, *, guidance_scale: float | None = None, guidance_rescale
 
 @torch.no_grad()
 def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | None = None, spacing: str | None = None,
-             rho: float = 7.0, sigmas: list[float] | torch.Tensor | None = None, seed: int = 0, batch_size: int = 256,
-             clip: bool | None = None,
+             rho: float = 7.0, sigmas: list[float] | torch.Tensor | None = None, seed: int = 0,
+             batch_size: int | None = None, compile: bool | None = None, clip: bool | None = None,
              threshold: float | None = None, cond: Cond = None, prompts: list[str] | None = None,
              guidance_scale: float | None = None, guidance_rescale: float = 0.0, negative_prompt: str | None = None,
              classifier: NoisyClassifier | None = None, classifier_scale: float = 1.0, progress: bool = False,
@@ -138,7 +139,11 @@ def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | N
     ``negative_prompt`` takes the empty prompt's place); a noise-aware
     ``classifier`` (:func:`difflab.load_classifier`) guides any model with ``classifier_scale``. ``options`` go
     to the sampler (``eta``, ``variance``, ``churn``, ...). When ``stats`` is a dict it receives ``nfe`` (network
-    evaluations per image) and ``seconds``."""
+    evaluations per image) and ``seconds``.
+
+    ``batch_size``: images per network call (default: :func:`default_batch_size`, as many as fill a GPU). ``compile``
+    runs the network through ``torch.compile`` (default: on a GPU for long jobs, :func:`compile_pays`); it is compiled
+    once per network and batch shape and reused by later calls."""
     if n < 1:
         raise DifflabError(f"the number of images must be at least 1, got {n}")
     param = model.parameterization
@@ -150,7 +155,7 @@ def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | N
     sampler, steps, spacing = model.sampling(sampler, steps, spacing)
     sample_fn = get_sampler(sampler)
     sampler_options(sampler, options)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise DifflabError(f"the batch size must be at least 1, got {batch_size}")
     why = model.sampling_mismatch(sampler, steps, "explicit sigmas" if sigmas is not None else spacing, guidance_scale,
                                   options)
@@ -169,13 +174,17 @@ def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | N
         raise DifflabError(f"got {cond_len(cond)} conditions for {n} images")
     if classifier is not None and cond is None:
         raise DifflabError("classifier guidance needs the classes to generate (class labels)")
+    cost = SAMPLERS[sampler].nfe
+    guided = guidance_scale is not None and guidance_scale != 1 and model.conditioner is not None
+    batch_size = batch_size or default_batch_size(model, n, guided)
+    if compile if compile is not None else compile_pays(model.device, n, cost(steps) if cost else 50):
+        model = dataclasses.replace(model, denoiser=compiled(model.denoiser))
     den = guide(model, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, negative_prompt=negative_prompt,
                 classifier=classifier, classifier_scale=classifier_scale)
     clip = model.encoder.pixel_space if clip is None else clip
     den = dynamic_threshold(den, threshold) if threshold is not None else clip_x0(den) if clip else den
     device, std = model.device, param.prior_std(float(sigmas[0]))
     out, nfe, started = [], 0, time.perf_counter()
-    cost = SAMPLERS[sampler].nfe
     with tqdm(total=n * cost(steps) if cost is not None else None, desc=f"sampling ({sampler}, {steps} steps)",
               unit="img-eval", disable=not progress) as bar:
         for start in range(0, n, batch_size):
@@ -193,6 +202,52 @@ def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | N
     if stats is not None:
         stats.update(nfe=nfe, seconds=time.perf_counter() - started)
     return torch.cat(out)
+
+
+def default_batch_size(model: Model, n: int, guided: bool = False) -> int:
+    """Images per network call when none is given: 256 on a CPU (memory is not the limit there, and larger batches
+    are no faster); on a GPU as many as fill 70% of its free memory, measured with one probe call of 8 images (a
+    guided batch counts twice), a power of two from 16 to 4096 -- never more than ``n`` needs."""
+    if model.device.type != "cuda":
+        return 256
+    device = model.device
+    probe = 8 * (2 if guided else 1)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad(), autocast(device):
+        x = torch.zeros(probe, *model.shape, device=device)
+        cond = model.conditioner.null(probe, device) if model.conditioner is not None else None
+        model.denoiser(x, torch.ones(probe, device=device), cond)
+    per_image = max(1, torch.cuda.max_memory_allocated(device) - before) / probe
+    return fill_batch(per_image, torch.cuda.mem_get_info(device)[0], guided, n)
+
+
+def fill_batch(per_image_bytes: float, free_bytes: int, guided: bool, n: int) -> int:
+    """The largest power of two from 16 to 4096 whose images (twice as many when guided) take at most 70% of
+    ``free_bytes``, and no larger than the power of two that holds ``n``."""
+    images = 0.7 * free_bytes / (per_image_bytes * (2 if guided else 1))
+    batch = 16
+    while batch * 2 <= min(images, 4096):
+        batch *= 2
+    return max(1, min(batch, 1 << max(0, (n - 1).bit_length())))
+
+
+def compile_pays(device: torch.device, n: int, nfe: int) -> bool:
+    """Whether compiling the network is worth its warm-up (tens of seconds): on a GPU, for jobs of at least 100,000
+    image evaluations (2,000 images at 50 steps, an FID run); never on a CPU, where the warm-up is minutes."""
+    return torch.device(device).type == "cuda" and n * nfe >= 100_000
+
+
+def compiled(denoiser: Denoiser) -> Denoiser:
+    """The denoiser with ``torch.compile`` of its network, compiled once per network (kept with it, outside its
+    submodules and state dict) and once per batch shape by torch."""
+    net = denoiser.net
+    fast = net.__dict__.get("_difflab_compiled")
+    if fast is None:
+        fast = torch.compile(net)
+        object.__setattr__(net, "_difflab_compiled", fast)  # not a submodule: no keys in its state dict
+    return Denoiser(fast, denoiser.parameterization)
 
 
 def generate_sharded(model: Model, n: int, *, seed: int = 0, cond: Cond = None, prompts: list[str] | None = None,

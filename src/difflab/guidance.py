@@ -69,15 +69,23 @@ def classifier_free_guidance(denoiser: DenoiserFn, scale: float, *, null_cond: C
     if not 0.0 <= rescale <= 1.0:
         raise DifflabError(f"guidance rescale must lie in [0, 1], got {rescale}")
 
+    built: dict = {}  # the conditions of the doubled batch, built once per batch of conditions and reused every step
+
+    def conditions(cond: Cond, x: torch.Tensor) -> Cond:
+        key = (id(cond), x.shape[0], x.device)
+        if built.get("key") != key or built.get("cond") is not cond:
+            null = cond_to(cond_expand(null_cond, x.shape[0]), x.device)  # copied to the device once, not per step
+            built.update(key=key, cond=cond, value=null if cond is None else cond_cat([cond_to(cond, x.device), null]))
+        return built["value"]
+
     def guided(x: torch.Tensor, sigma: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         n = x.shape[0]
-        null = cond_to(cond_expand(null_cond, n), x.device)
         if cond is None:
-            return denoiser(x, sigma, null)
+            return denoiser(x, sigma, conditions(None, x))
         if scale == 1:  # exactly the conditional estimate (rescale then changes nothing): no unconditional half
             return denoiser(x, sigma, cond)
         sigma = sigma_per_example(sigma, x, dtype=None)
-        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond_cat([cond_to(cond, x.device), null]))
+        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), conditions(cond, x))
         x0_cond, x0_uncond = both[:n], both[n:]
         x0 = x0_uncond + scale * (x0_cond - x0_uncond)  # (N, C, H, W)  Ho & Salimans eq. 6
         if rescale > 0:

@@ -99,7 +99,10 @@ def add_parser(sub) -> None:
     p.add_argument("-n", "--num", type=int, default=None,
                    help="how many images (default: 64), or images per class when classes are sampled (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per network call (default: 256)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per network call (default: 256 on a CPU; on a GPU as many as fill 70%% of its memory)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the network (default: on a GPU for jobs of 100,000+ image evaluations)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/generated)")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True, help="write one grid PNG (default: on)")
     p.add_argument("--individual", action="store_true", help="also write one PNG per image")
@@ -157,7 +160,7 @@ def run_sample(args: argparse.Namespace) -> int:
                                                  args.spacing)
         with autocast(model.device):
             images = generate_sharded(model, total, sampler=sampler, steps=steps, spacing=spacing, sigmas=sigmas,
-                                      rho=args.rho, seed=args.seed, batch_size=args.batch_size,
+                                      rho=args.rho, seed=args.seed, batch_size=args.batch_size, compile=args.compile,
                                       clip=False if args.no_clip else None, threshold=args.threshold,
                                       progress=not args.quiet and info.is_main, stats=stats, **given, **guidance,
                                       **options)

@@ -42,21 +42,25 @@ def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
 
 
 def denoise(denoiser: DenoiserFn, x: torch.Tensor, sigma: torch.Tensor, cond, i: int, callback) -> torch.Tensor:
-    """One network evaluation at noise level ``sigma`` for the whole batch, reported to ``callback``."""
-    x0 = denoiser(x, sigma.expand(x.shape[0]), cond).to(x.dtype)
+    """One network evaluation at noise level ``sigma`` (a host number) for the whole batch, reported to ``callback``.
+    The batch of sigmas is filled on x's device: copying it there would make the host wait for the GPU."""
+    x0 = denoiser(x, torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device), cond).to(x.dtype)
     if callback is not None:
         callback(i, float(sigma), x, x0)
     return x0
 
 
 def prepare(x: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate a sigma grid; return x and the grid in the working precision on x's device: float32,
-    or float64 when x is float64 (exact-answer tests measure convergence orders below float32 rounding)."""
+    """Validate a sigma grid; return x and the grid in the working precision: float32, or float64 when x is float64
+    (exact-answer tests measure convergence orders below float32 rounding). The grid stays in host memory: the
+    samplers branch on its values (``if sigma_next > 0``) and scale x by them, and both are free with host numbers
+    -- a 0-d host tensor enters a GPU kernel as an argument -- while a grid on the GPU would make every branch wait
+    for the device."""
     sigmas = torch.as_tensor(sigmas)
     if sigmas.ndim != 1 or len(sigmas) < 2 or not bool((sigmas[:-1] > sigmas[1:]).all()) or sigmas[-1] < 0:
         raise DifflabError("a sigma grid must be 1-D, strictly decreasing and non-negative, with at least 2 entries")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.to(dtype), sigmas.to(device=x.device, dtype=dtype)
+    return x.to(dtype), sigmas.to(device="cpu", dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
