@@ -139,7 +139,8 @@ def train_step_difflab(model, net, param, device, mode, batch, channels, size):
     denoiser = Denoiser(compile_fn(net, mode), param)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    updater = Updater(net, {"ema": ema}, {"ema": 0.9999}, opt, grad_clip=1.0)
+    updater = Updater(net, {"ema": ema}, {"ema": 0.9999}, opt, grad_clip=1.0, updates=10_000,
+                      lr_schedule=lambda updates: torch.full_like(updates, 1e-4))
     x0 = torch.rand(batch, channels, size, size, device=device) * 2 - 1
     x0 = x0.contiguous(memory_format=memory_format(device))
     g = torch.Generator(device).manual_seed(0)
@@ -151,7 +152,7 @@ def train_step_difflab(model, net, param, device, mode, batch, channels, size):
         with precision(device, mode):
             loss = denoising_loss(denoiser, x0, sigma, torch.randn(x0.shape, generator=g, device=device),
                                   weight=param.loss_weight(sigma)).mean()
-        updater.step(loss, {}, lr=1e-4, updates=10_000)
+        updater.step(loss, {})
         done[0] += 1
         if done[0] % 50 == 0:
             updater.check()
@@ -224,9 +225,9 @@ def main() -> int:
                     "training ones; 256 on a GPU)")
     ap.add_argument("--modes", default=None, help="comma-separated: fp32, bf16, compiled, graphs (default: fp32 on a "
                     "CPU, bf16,compiled on a GPU)")
-    ap.add_argument("--repeats", type=int, default=10, help="timed training steps per row and library (default: 10)")
-    ap.add_argument("--rounds", type=int, default=5, help="... in this many alternating rounds, the median counts "
-                    "(default: 5)")
+    ap.add_argument("--repeats", type=int, default=20, help="timed training steps per row and library (default: 20)")
+    ap.add_argument("--rounds", type=int, default=10, help="... in this many alternating rounds, the median counts "
+                    "(default: 10)")
     ap.add_argument("--sample-rounds", type=int, default=None, help="alternating rounds of sampling, one call each "
                     "(default: 3; 1 for presets above tiny on a CPU)")
     ap.add_argument("--no-sampling", action="store_true")

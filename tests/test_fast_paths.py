@@ -94,7 +94,24 @@ def test_gpu_batch_fills_seventy_percent_of_free_memory():
     assert fill_batch(10 * mib, 8 * 1024 * mib, True, 50_000) == 256   # twice the images per call
     assert fill_batch(10 * mib, 8 * 1024 * mib, False, 100) == 128     # no larger than n needs
     assert fill_batch(10 * mib, 8 * 1024 * mib, False, 1) == 1
-    assert fill_batch(1024 * mib, 1024 * mib, False, 50_000) == 16     # the floor
+    assert fill_batch(1024 * mib, 1024 * mib, False, 50_000) == 1      # too little memory: one at a time
+
+
+def test_a_compiled_network_stays_out_of_copies_and_state_dicts():
+    """generate(compile=True) keeps the compiled network beside the original (torch.compile wraps lazily: nothing is
+    compiled here): not a submodule, not in the state dict, not carried by a deepcopy (which compiles afresh)."""
+    import copy
+
+    from difflab.generate import compiled
+
+    model = tiny_model(classes=None)
+    fast = compiled(model.denoiser)
+    assert compiled(model.denoiser).net is fast.net  # once per network
+    net = model.denoiser.net
+    assert list(net.state_dict()) == list(tiny_model(classes=None).denoiser.net.state_dict())
+    twin = copy.deepcopy(net)
+    assert twin.__dict__.get("_difflab_compiled") is None
+    assert compiled(Denoiser(twin, model.parameterization)).net is not fast.net
 
 
 # -- torch.compile: minutes on a CPU, so run on the GPU by benchmarks/gpu_check.sh (pytest --run-compile) --------
@@ -131,8 +148,12 @@ def test_compiled_sampling_matches_eager(sampler):
 def test_a_cuda_training_step_never_synchronises(tmp_path, monkeypatch):
     """torch.cuda's sync debug mode raises at any operation that makes the host wait for the GPU: on for the batch,
     the loss and the update of every step, off for the checks."""
+    calls = {"step": 0}
+
     def strict(fn):
         def wrapped(*args, **kwargs):
+            if calls["step"] < 2:  # the first steps fill caches (tables copied to the device once)
+                return fn(*args, **kwargs)
             torch.cuda.set_sync_debug_mode("error")
             try:
                 return fn(*args, **kwargs)
@@ -140,11 +161,18 @@ def test_a_cuda_training_step_never_synchronises(tmp_path, monkeypatch):
                 torch.cuda.set_sync_debug_mode("default")
         return wrapped
 
+    def counted(fn):
+        def wrapped(*args, **kwargs):
+            result = strict(fn)(*args, **kwargs)
+            calls["step"] += 1
+            return result
+        return wrapped
+
     class Strict(DiffusionTask):
         batch = strict(DiffusionTask.batch)
         loss = strict(DiffusionTask.loss)
 
-    monkeypatch.setattr(Updater, "step", strict(Updater.step))
+    monkeypatch.setattr(Updater, "step", counted(Updater.step))
     run = loop.train(Strict, steps=20, log_every=10, progress=False, batch_size=32, sample_every=0, warmup=2,
                      conditional=True, hflip=True, compile=False, model={"base_channels": 16}, device="cuda",
                      out=str(tmp_path), name="strict")
@@ -152,19 +180,21 @@ def test_a_cuda_training_step_never_synchronises(tmp_path, monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "heun"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "heun", "ddpm"])
 def test_cuda_sampling_never_synchronises(sampler):
+    from difflab.generate import guide
+    from difflab.samplers import get_sampler
+
     model = tiny_model("cuda")
     cond = torch.tensor([0, 1, 2, 0], device="cuda")
-    difflab.generate(model, 4, sampler=sampler, steps=3, cond=cond, guidance_scale=2.0, batch_size=4)  # warm
-    from difflab.samplers import get_sampler
-    from difflab.generate import guide
     den = guide(model, guidance_scale=2.0)
-    x = torch.randn(4, 1, 8, 8, device="cuda")
     sigmas = model.parameterization.sampling_sigmas(10, "uniform", 7.0)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    get_sampler(sampler)(den, torch.randn(4, 1, 8, 8, device="cuda"), sigmas, cond=cond, generator=gens)  # caches
+    x = torch.randn(4, 1, 8, 8, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        get_sampler(sampler)(den, x, sigmas, cond=cond)
+        get_sampler(sampler)(den, x, sigmas, cond=cond, generator=gens)
     finally:
         torch.cuda.set_sync_debug_mode("default")

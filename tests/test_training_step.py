@@ -151,9 +151,35 @@ def test_an_update_that_breaks_a_weight_undoes_its_window(tmp_path, capsys, monk
         keys = [k for k in a if which != "state" or k.startswith("optimizer.")]
         assert keys and all(torch.equal(a[k], b[k]) for k in keys), which
     assert json.loads((ckpts / "step_0000008" / "state.json").read_text())["skipped"] == 4
+    assert "steps 5, 7-8 undone with it" in out
     last = _weights(ckpts / "step_0000012")
     assert all(bool(t.isfinite().all()) for t in last.values())
     assert not _same(last, _weights(ckpts / "step_0000008"))
+
+
+def test_a_weight_breaking_update_is_one_bad_step_not_a_divergence(tmp_path, capsys, monkeypatch):
+    """In a 30-step window with the default --max-bad-steps 20, the update of step 6 breaks a weight: the steps
+    after it run on broken weights (their losses are NaN) until the check, which undoes the window -- one bad step,
+    the others undone, and training goes on instead of stopping as 'diverged'."""
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def faulty_step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", faulty_step)
+    run = loop.train(DiffusionTask, steps=40, log_every=30, checkpoint_every=100, out=str(tmp_path), name="w",
+                     **SMALL)
+    out = capsys.readouterr().out
+    assert "step 6: non-finite loss, gradient or updated weights, step skipped (1 in a row, 30 in all)" in out
+    rows = _rows(run)
+    assert [(r["step"], r["skipped"]) for r in rows] == [(30, 30), (40, 30)]
+    assert rows[0]["loss"] is None and rows[1]["loss"] is not None
+    assert all(bool(t.isfinite().all()) for t in _weights(list_checkpoints(run)[-1]).values())
 
 
 def test_bf16_autocast_follows_the_float32_loss_trajectory(tmp_path):

@@ -36,6 +36,7 @@ from difflab.errors import DifflabError
 from difflab.guidance import classifier_free_guidance, classifier_guidance, clip_x0, dynamic_threshold
 from difflab.models import Model, NoisyClassifier, load_model
 from difflab.samplers import SAMPLERS, get_sampler
+from difflab.samplers.common import to_device
 from difflab.viz import to_pil
 
 
@@ -190,7 +191,7 @@ def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | N
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             gens = [torch.Generator().manual_seed(seed + i) for i in range(start, stop)]
-            x = torch.stack([torch.randn(model.shape, generator=g) for g in gens]).to(device) * std  # the prior
+            x = to_device(torch.stack([torch.randn(model.shape, generator=g) for g in gens]), device) * std  # prior
             counted = CountingDenoiser(den)
             cb = (lambda i, s, x_, x0, k=stop - start: bar.update(k)) if progress else None
             x = sample_fn(counted, x, sigmas, cond=cond_to(cond_slice(cond, start, stop), device), generator=gens,
@@ -206,8 +207,9 @@ def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | N
 
 def default_batch_size(model: Model, n: int, guided: bool = False) -> int:
     """Images per network call when none is given: 256 on a CPU (memory is not the limit there, and larger batches
-    are no faster); on a GPU as many as fill 70% of its free memory, measured with one probe call of 8 images (a
-    guided batch counts twice), a power of two from 16 to 4096 -- never more than ``n`` needs."""
+    are no faster); on a GPU as many as fill 70% of its free memory, measured with one probe of 8 images (a guided
+    batch counts twice) through the network and the decoder, in the caller's precision -- a power of two up to
+    4096, never more than ``n`` needs."""
     if model.device.type != "cuda":
         return 256
     device = model.device
@@ -215,22 +217,22 @@ def default_batch_size(model: Model, n: int, guided: bool = False) -> int:
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad():
         x = torch.zeros(probe, *model.shape, device=device)
         cond = model.conditioner.null(probe, device) if model.conditioner is not None else None
-        model.denoiser(x, torch.ones(probe, device=device), cond)
+        model.encoder.decode(model.denoiser(x, torch.ones(probe, device=device), cond))
     per_image = max(1, torch.cuda.max_memory_allocated(device) - before) / probe
     return fill_batch(per_image, torch.cuda.mem_get_info(device)[0], guided, n)
 
 
 def fill_batch(per_image_bytes: float, free_bytes: int, guided: bool, n: int) -> int:
-    """The largest power of two from 16 to 4096 whose images (twice as many when guided) take at most 70% of
-    ``free_bytes``, and no larger than the power of two that holds ``n``."""
+    """The largest power of two up to 4096 whose images (twice as many when guided) take at most 70% of
+    ``free_bytes`` (at least 1), and no larger than the power of two that holds ``n``."""
     images = 0.7 * free_bytes / (per_image_bytes * (2 if guided else 1))
-    batch = 16
+    batch = 1
     while batch * 2 <= min(images, 4096):
         batch *= 2
-    return max(1, min(batch, 1 << max(0, (n - 1).bit_length())))
+    return min(batch, 1 << max(0, (n - 1).bit_length()))
 
 
 def compile_pays(device: torch.device, n: int, nfe: int) -> bool:
@@ -239,15 +241,29 @@ def compile_pays(device: torch.device, n: int, nfe: int) -> bool:
     return torch.device(device).type == "cuda" and n * nfe >= 100_000
 
 
+class _Compiled:
+    """Holds a network's compiled version beside it; a copy (deepcopy, pickle) of the network does not carry it
+    (it would wrap the original), it compiles afresh."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return type(None), ()
+
+
 def compiled(denoiser: Denoiser) -> Denoiser:
     """The denoiser with ``torch.compile`` of its network, compiled once per network (kept with it, outside its
     submodules and state dict) and once per batch shape by torch."""
     net = denoiser.net
-    fast = net.__dict__.get("_difflab_compiled")
-    if fast is None:
-        fast = torch.compile(net)
-        object.__setattr__(net, "_difflab_compiled", fast)  # not a submodule: no keys in its state dict
-    return Denoiser(fast, denoiser.parameterization)
+    holder = net.__dict__.get("_difflab_compiled")
+    if holder is None:
+        holder = _Compiled(torch.compile(net))
+        object.__setattr__(net, "_difflab_compiled", holder)  # not a submodule: no keys in its state dict
+    return Denoiser(holder.module, denoiser.parameterization)
 
 
 def generate_sharded(model: Model, n: int, *, seed: int = 0, cond: Cond = None, prompts: list[str] | None = None,

@@ -69,13 +69,18 @@ def classifier_free_guidance(denoiser: DenoiserFn, scale: float, *, null_cond: C
     if not 0.0 <= rescale <= 1.0:
         raise DifflabError(f"guidance rescale must lie in [0, 1], got {rescale}")
 
+    nulls: dict = {}  # the null condition per (device, batch size), copied to the device once, not every step
     built: dict = {}  # the conditions of the doubled batch, built once per batch of conditions and reused every step
 
     def conditions(cond: Cond, x: torch.Tensor) -> Cond:
-        key = (id(cond), x.shape[0], x.device)
-        if built.get("key") != key or built.get("cond") is not cond:
-            null = cond_to(cond_expand(null_cond, x.shape[0]), x.device)  # copied to the device once, not per step
-            built.update(key=key, cond=cond, value=null if cond is None else cond_cat([cond_to(cond, x.device), null]))
+        where = (x.device, x.shape[0])
+        if where not in nulls:
+            nulls[where] = cond_to(cond_expand(null_cond, x.shape[0]), x.device)
+        null = nulls[where]
+        if cond is None:
+            return null
+        if built.get("cond") is not cond or built.get("where") != where:
+            built.update(cond=cond, where=where, value=cond_cat([cond_to(cond, x.device), null]))
         return built["value"]
 
     def guided(x: torch.Tensor, sigma: torch.Tensor, cond: Cond = None) -> torch.Tensor:

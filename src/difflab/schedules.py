@@ -87,17 +87,19 @@ class NoiseSchedule:
     def T(self) -> int:
         return len(self.betas)
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigmas, log sigmas) on ``device``, copied there once: a copy per network call would make the host wait
-        for the GPU every time."""
-        key = str(device)
-        if key not in _ON_DEVICE.setdefault(id(self), {}):
-            _ON_DEVICE[id(self)][key] = (self.sigmas.to(device), self.sigmas.log().to(device))
-            weakref.finalize(self, _ON_DEVICE.pop, id(self), None)
-        return _ON_DEVICE[id(self)][key]
+    def on(self, device: torch.device, name: str = "sigmas") -> torch.Tensor:
+        """One of the tables (``sigmas``, ``log_sigmas``, ``alphas_cumprod``, ...) on ``device``, copied there once:
+        a copy per network call would make the host wait for the GPU every time."""
+        tables = _ON_DEVICE.setdefault(id(self), {})
+        key = (name, str(device))
+        if key not in tables:
+            if not tables:
+                weakref.finalize(self, _ON_DEVICE.pop, id(self), None)
+            tables[key] = (self.sigmas.log() if name == "log_sigmas" else getattr(self, name)).to(device)
+        return tables[key]
 
 
-_ON_DEVICE: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # NoiseSchedule.on's copies
+_ON_DEVICE: dict[int, dict[tuple[str, str], torch.Tensor]] = {}  # NoiseSchedule.on's copies
 
 
 def make_schedule(name: str = "linear", T: int = 1000, **kwargs) -> NoiseSchedule:
@@ -136,7 +138,7 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: N
 
     ``t`` holds integer timesteps (N,). In sigma coordinates the same draw is ``x0 + sigma_t * noise``
     (see :func:`add_noise`), scaled by sqrt(abar_t)."""
-    abar = append_dims(schedule.alphas_cumprod.to(x0.device)[t].to(x0.dtype), x0.ndim)
+    abar = append_dims(schedule.on(x0.device, "alphas_cumprod")[t].to(x0.dtype), x0.ndim)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
 
@@ -150,7 +152,7 @@ def sigma_to_t(sigma: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
 
     Exact for the schedule's own sigmas; in between, linear interpolation in log-sigma (k-diffusion's
     convention), so any sigma grid can drive a network trained on discrete timesteps."""
-    sigmas, log_sigmas = schedule.on(sigma.device)
+    sigmas, log_sigmas = schedule.on(sigma.device), schedule.on(sigma.device, "log_sigmas")
     log_sigma = sigma.to(torch.float64).clamp(min=sigmas[0], max=sigmas[-1]).log()
     idx = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(log_sigmas) - 1)
     lo, hi = log_sigmas[idx - 1], log_sigmas[idx]

@@ -30,15 +30,25 @@ Callback = Callable[[int, float, torch.Tensor, torch.Tensor], None]  # (step, si
 
 
 def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
-    """Standard normal noise shaped like ``x``; one draw per image when ``generator`` is a list."""
+    """Standard normal noise shaped like ``x``; one draw per image when ``generator`` is a list. Noise drawn on the
+    host for a GPU batch goes there in one copy from pinned memory, which the GPU does not make the host wait for."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != x.shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
-        return torch.stack(
-            [torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device).to(x.device) for g in generator]
-        )
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device) for g in generator])
+    else:
+        device = generator.device if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device)
+    return to_device(noise, x.device)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a host tensor bound for a GPU goes through pinned memory without blocking the host."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def denoise(denoiser: DenoiserFn, x: torch.Tensor, sigma: torch.Tensor, cond, i: int, callback) -> torch.Tensor:

@@ -31,6 +31,7 @@ from difflab.generate import generate_sharded
 from difflab.losses import denoising_loss
 from difflab.models import Model, TrainedAutoencoder, load_autoencoder, load_model, model_config
 from difflab.nn import UNet, unet_config
+from difflab.samplers.common import to_device
 from difflab.schedules import make_schedule
 from difflab.tasks.images import load_training_images
 from difflab.tasks.text import prepare_text, text_conditioning
@@ -272,11 +273,18 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
         run, device = self.run, self.ctx.device
         idx = batch_indices(step, run.batch_size, len(self.images), run.seed, device)
         if self.latents is not None:  # latent diffusion: a fresh posterior draw z ~ q(z | x) of each cached image
-            rows = idx
-            if run.hflip:  # the mirrored copy of image i is row N + i of the cache
-                rows = idx + len(self.images) * (torch.rand(len(idx), generator=generator, device=device) < 0.5)
-            home = self.latents[0].device
-            mean, std = self.latents[0][rows.to(home)].to(device), self.latents[1][rows.to(home)].to(device)
+            # the mirrored copy of image i is row N + i of the cache
+            flip = torch.rand(len(idx), generator=generator, device=device) < 0.5 if run.hflip else None
+            if self.latents[0].device == device:
+                rows = idx if flip is None else idx + len(self.images) * flip
+                mean, std = self.latents[0][rows], self.latents[1][rows]
+            else:  # a cache in host memory: both candidate rows go over in one pinned copy, the flip picks there
+                host = batch_indices(step, run.batch_size, len(self.images), run.seed)
+                rows = host if flip is None else torch.cat([host, host + len(self.images)])
+                mean, std = (to_device(t[rows], device) for t in self.latents)
+                if flip is not None:
+                    pick = flip.view(-1, *[1] * (mean.ndim - 1))
+                    mean, std = (torch.where(pick, t[len(host):], t[: len(host)]) for t in (mean, std))
             x0 = self.encoder.whiten(mean + std * torch.randn(mean.shape, generator=generator, device=device))
         else:
             x0 = self.encoder.encode(self.images[idx])  # the global batch, in [-1, 1] for pixel models

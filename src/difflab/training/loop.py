@@ -126,6 +126,7 @@ class RunState:
     step: int = 0                                   # steps done (skipped ones included)
     skipped: int = 0                                # non-finite steps so far: they changed nothing
     saved: int | None = None                        # the last step a checkpoint was attempted at
+    bad_in_a_row: int = 0                           # the longest run of non-finite steps the last check saw
     log: dict = field(default_factory=dict)         # what the next log row averages
 
     @property
@@ -246,6 +247,7 @@ def _loop(task: Task, state: RunState) -> None:
     # backward, clipping, the non-finite gate, AdamW and the EMAs, queued on the device without waiting for it;
     # the host reads the device's accounts at the checks below (training/step.py)
     updater = Updater(state.net, state.emas, state.decays, state.optimizer, grad_clip=run.grad_clip,
+                      lr_schedule=lambda updates: learning_rate(updates, run), updates=state.updates,
                       world_size=world, first_step=state.step)
     bar = tqdm(total=run.steps, initial=state.step, desc=f"training {ctx.run_dir.name}", unit="step",
                disable=not ctx.progress, dynamic_ncols=True)
@@ -264,11 +266,9 @@ def _loop(task: Task, state: RunState) -> None:
                 per_example, metrics = task.loss(train_net, batch)
                 loss = per_example.mean()
             stop_now = stop.requested  # read once: the check below and the stop agree
-            # the schedule and the EMA warm-up count the updates known at the last check
-            lr = learning_rate(state.updates, run)
-            updater.step(loss, metrics, lr=lr, updates=state.updates, stop_requested=stop_now)
+            updater.step(loss, metrics, stop_requested=stop_now)
             state.step += 1
-            state.log.update(steps=state.log["steps"] + 1, lr=lr)
+            state.log["steps"] += 1
             bar.update(1)
             done = state.step
             logged = done % run.log_every == 0 or done == run.steps
@@ -276,9 +276,14 @@ def _loop(task: Task, state: RunState) -> None:
             show = bool(run.sample_every) and done % run.sample_every == 0 and done < run.steps
             save = done % run.checkpoint_every == 0 and done < run.steps
             # a check (the one wait for the device) before anything reads the weights or the step's accounts
+            diverged = False
             if logged or evaluate or show or save or task.checks_before(done) or (world == 1 and stop_now):
-                stop_agreed = _settle(task, state, updater.check()) or (world == 1 and stop_now)
+                diverged = _settle(task, state, updater.check())
+            # one process stops when asked; under torchrun all stop at the step whose shared flag they all read
+            stop_agreed = stop_now if world == 1 else updater.stop_seen
             task.after_step(done)  # after the EMAs, before any checkpoint of this step: what it changes is saved with it
+            if diverged:
+                _diverged(task, state)
             if logged:  # every process keeps the same sums; main writes
                 row = log_row(state, run.batch_size)
                 ctx.log(row)
@@ -304,37 +309,56 @@ def compile_enabled(run, device: torch.device) -> bool:
 
 
 def _settle(task: Task, state: RunState, report) -> bool:
-    """Take a check's report into the run state: skipped steps (warned about), the log row's sums, the stop at too
-    many non-finite steps in a row. Returns whether any process was asked to stop."""
+    """Take a check's report into the run state: skipped steps (warned about), the log row's sums. Returns whether
+    --max-bad-steps non-finite steps in a row were reached (the loop stops after the step's after_step)."""
     ctx, run, log = task.ctx, task.run, state.log
-    state.skipped += len(report.bad)
+    state.skipped += len(report.bad) + len(report.rolled_back)
     log["finite"] += report.finite
     for name, value in report.sums.items():
         if report.finite:
             log["sums"][name] = log["sums"].get(name, 0.0) + value
-    log["grad_norm"] = report.grad_norm
-    if ctx.main and report.bad:
-        in_a_row, previous, lines = log["bad_in_a_row"], report.first, []
+    log.update(grad_norm=report.grad_norm, lr=report.lr)
+    if ctx.main and (report.bad or report.rolled_back):
+        before = state.skipped - len(report.bad) - len(report.rolled_back)
+        lines = []
+        if report.undone is not None:
+            undone = f" (steps {_ranges(report.rolled_back)} undone with it)" if report.rolled_back else ""
+            lines.append(f"warning: step {report.undone}: the update made a weight non-finite: the weights, the "
+                         f"optimizer state and the EMAs go back to step {report.first}{undone}")
+        in_a_row, previous = log["bad_in_a_row"], report.first
         for i, number in enumerate(report.bad):
             in_a_row, previous = (in_a_row + 1 if number == previous + 1 else 1), number
             lines.append(f"warning: step {number}: non-finite loss, gradient or updated weights, step skipped "
-                         f"({in_a_row} in a row, {state.skipped - len(report.bad) + i + 1} in all)")
-        if len(lines) > 10:
-            lines = [*lines[:5], f"warning: ... {len(lines) - 10} more ...", *lines[-5:]]
-        if report.undone is not None:
-            lines.insert(0, f"warning: step {report.undone}: the update made a weight non-finite: the weights, the "
-                            f"optimizer state and the EMAs go back to step {report.bad[0] - 1}")
+                         f"({in_a_row} in a row, {before + len(report.rolled_back) + i + 1} in all)")
+        if len(lines) > 12:
+            lines = [*lines[:6], f"warning: ... {len(lines) - 11} more ...", *lines[-5:]]
         for line in lines:
             tqdm.write(line)
     log["bad_in_a_row"] = report.bad_in_a_row
-    if run.max_bad_steps and report.most_in_a_row >= run.max_bad_steps:
-        path = _checkpoint(task, state, state.step)
-        raise DifflabError(
-            f"{report.most_in_a_row} non-finite steps in a row (up to step {state.step}): training diverged. The "
-            f"weights were not touched by those steps{f' and are saved in {path}' if path else ''}; resume with "
-            f"a lower --lr or --grad-clip: {task.command} --resume {shell_quote(ctx.run_dir)} --lr {run.lr / 10:g}",
-            all_ranks=True)
-    return report.stop
+    state.bad_in_a_row = report.most_in_a_row
+    return bool(run.max_bad_steps) and report.most_in_a_row >= run.max_bad_steps
+
+
+def _ranges(steps: list[int]) -> str:
+    """[5, 6, 7, 9] -> '5-7, 9'."""
+    parts, start = [], None
+    for i, s in enumerate(steps):
+        start = s if start is None else start
+        if i + 1 == len(steps) or steps[i + 1] != s + 1:
+            parts.append(f"{start}-{s}" if s > start else f"{s}")
+            start = None
+    return ", ".join(parts)
+
+
+def _diverged(task: Task, state: RunState) -> None:
+    """--max-bad-steps non-finite steps in a row: a checkpoint of the untouched weights, and one message."""
+    run, ctx = task.run, task.ctx
+    path = _checkpoint(task, state, state.step)
+    raise DifflabError(
+        f"{state.bad_in_a_row} non-finite steps in a row (up to step {state.step}): training diverged. The "
+        f"weights were not touched by those steps{f' and are saved in {path}' if path else ''}; resume with "
+        f"a lower --lr or --grad-clip: {task.command} --resume {shell_quote(ctx.run_dir)} --lr {run.lr / 10:g}",
+        all_ranks=True)
 
 
 def _interrupted(task: Task, state: RunState, step: int) -> None:

@@ -137,13 +137,16 @@ def restore_noise_generator(gen: torch.Generator, tensors: dict, meta: dict, see
         gen.manual_seed(seed + 1 + meta["step"])
 
 
-def learning_rate(step: int, run) -> float:
-    """Linear warm-up to the peak rate ``run.lr`` over ``run.warmup`` steps, then constant (as in DDPM) or, with
-    ``run.lr_schedule == "cosine"``, a half cosine down to 0 at ``run.steps`` (Loshchilov & Hutter 2017)."""
-    if step < run.warmup or run.lr_schedule == "constant":
-        return run.lr * min(1.0, (step + 1) / max(1, run.warmup))
-    progress = (step - run.warmup) / max(1, run.steps - run.warmup)
-    return run.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def learning_rate(updates: torch.Tensor, run) -> torch.Tensor:
+    """Linear warm-up to the peak rate ``run.lr`` over ``run.warmup`` updates, then constant (as in DDPM) or, with
+    ``run.lr_schedule == "cosine"``, a half cosine down to 0 at ``run.steps`` (Loshchilov & Hutter 2017). ``updates``
+    (optimizer updates so far, skipped steps not counted) is a float64 tensor: the training step keeps it on the
+    device, so the schedule follows the non-finite gate without the host reading it."""
+    warm = run.lr * torch.clamp((updates + 1) / max(1, run.warmup), max=1.0)
+    if run.lr_schedule == "constant":
+        return warm
+    progress = torch.clamp((updates - run.warmup) / max(1, run.steps - run.warmup), max=1.0)
+    return torch.where(updates < run.warmup, warm, run.lr * 0.5 * (1 + torch.cos(math.pi * progress)))
 
 
 class GracefulStop:
