@@ -61,7 +61,7 @@ class RunConfig:
     # runtime
     device: str = setting("auto", "cpu, cuda, cuda:1, ... (auto: cuda if available)")
     precision: str = setting("auto", "auto (bf16 autocast on a GPU, float32 on a CPU), bf16 (autocast, also on a CPU) "
-                                     "or fp32")
+                                     "or fp32", metavar="auto|bf16|fp32")
     compile: bool | None = setting(None, "torch.compile the network's training step (default: on a GPU, where it is "
                                          "faster after a warm-up of about a minute; off on a CPU)")
     seed: int = setting(0, "random seed for initialisation, data order and noise", frozen=True)
