@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import break_a_weight
 from safetensors.torch import load_file
 
 import difflab
@@ -311,17 +312,7 @@ def test_an_update_that_makes_weights_non_finite_is_undone(tmp_path, capsys, mon
     """AdamW with a valid learning rate cannot overflow a weight, so the fault is injected: the optimizer step of
     step 3 leaves one weight infinite (as a faulty kernel or a future optimizer might)."""
     task_class, settings, _ = TASKS[task]
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def faulty_step(self, *args, **kwargs):
-        result = real_step(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            with torch.no_grad():
-                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
-        return result
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", faulty_step)
+    break_a_weight(monkeypatch, at_call=3)
     run = loop.train(task_class, steps=4, checkpoint_every=1, keep=0, out=str(tmp_path), name="w", progress=False,
                      **settings)
     assert "step 3: non-finite loss, gradient or updated weights, step skipped" in capsys.readouterr().out

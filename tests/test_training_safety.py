@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import nan_task
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -98,20 +99,6 @@ def test_damaged_newest_checkpoint_is_skipped_and_resume_stays_exact(tmp_path, c
     final = "checkpoints/step_0000009"
     assert _same(_weights(straight / final), _weights(run / final))  # resumed from step 3: still bit-identical
     assert _same(_weights(straight / final, "ema"), _weights(run / final, "ema"))
-
-
-def nan_task(task_class, bad_calls: set[int]):
-    """``task_class`` with a loss that turns NaN at the given calls (counted from 1): a fake objective injected
-    into the one training loop."""
-    calls = {"n": 0}
-
-    class WithNaNs(task_class):
-        def loss(self, net, batch):
-            calls["n"] += 1
-            out, metrics = super().loss(net, batch)
-            return (out * float("nan") if calls["n"] in bad_calls else out), metrics
-
-    return WithNaNs
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import break_a_weight, nan_task
 from safetensors.torch import load_file
 
 from difflab.errors import DifflabError
@@ -38,18 +39,6 @@ def _same(a: dict, b: dict) -> bool:
 
 def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-
-
-def nan_task(task_class, bad_calls: set[int]):
-    calls = {"n": 0}
-
-    class WithNaNs(task_class):
-        def loss(self, net, batch):
-            calls["n"] += 1
-            out, metrics = super().loss(net, batch)
-            return (out * float("nan") if calls["n"] in bad_calls else out), metrics
-
-    return WithNaNs
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -130,17 +119,7 @@ def test_divergence_is_caught_at_the_next_check(tmp_path):
 def test_an_update_that_breaks_a_weight_undoes_its_window(tmp_path, capsys, monkeypatch):
     """The update of step 6 leaves a weight infinite (injected): at the check of step 8 the weights, the EMA and the
     optimizer state go back to step 4, the window's four steps count as skipped, and training goes on."""
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def faulty_step(self, *args, **kwargs):
-        result = real_step(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 6:
-            with torch.no_grad():
-                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
-        return result
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", faulty_step)
+    break_a_weight(monkeypatch, at_call=6, value=float("inf"))
     run = loop.train(DiffusionTask, steps=12, log_every=4, checkpoint_every=4, keep=0, out=str(tmp_path), name="w",
                      **SMALL)
     out = capsys.readouterr().out
@@ -161,17 +140,7 @@ def test_a_weight_breaking_update_is_one_bad_step_not_a_divergence(tmp_path, cap
     """In a 30-step window with the default --max-bad-steps 20, the update of step 6 breaks a weight: the steps
     after it run on broken weights (their losses are NaN) until the check, which undoes the window -- one bad step,
     the others undone, and training goes on instead of stopping as 'diverged'."""
-    real_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def faulty_step(self, *args, **kwargs):
-        result = real_step(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 6:
-            with torch.no_grad():
-                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
-        return result
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", faulty_step)
+    break_a_weight(monkeypatch, at_call=6, value=float("nan"))
     run = loop.train(DiffusionTask, steps=40, log_every=30, checkpoint_every=100, out=str(tmp_path), name="w",
                      **SMALL)
     out = capsys.readouterr().out
