@@ -19,7 +19,7 @@ OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target .gpu/site .gpu/wheels/*.whl
 export PYTHONPATH="$PWD/src:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+(nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || echo "no nvidia-smi") | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" \
     | tee -a "$OUT/gpu.txt"
 case "$part" in

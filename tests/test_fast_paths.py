@@ -114,6 +114,20 @@ def test_a_compiled_network_stays_out_of_copies_and_state_dicts():
     assert compiled(Denoiser(twin, model.parameterization)).net is not fast.net
 
 
+def test_compiling_by_default_never_fails_a_run(monkeypatch):
+    """Compilation that is only a default (a GPU's training step, a long sampling job) falls back to eager where
+    torch cannot compile; asked for explicitly, a failure is the user's to see."""
+    import torch._dynamo
+
+    from difflab.devices import compile_module
+
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    compile_module(torch.nn.Linear(2, 2), asked=True)
+    assert torch._dynamo.config.suppress_errors is False
+    compile_module(torch.nn.Linear(2, 2), asked=False)
+    assert torch._dynamo.config.suppress_errors is True
+
+
 # -- torch.compile: minutes on a CPU, so run on the GPU by benchmarks/gpu_check.sh (pytest --run-compile) --------
 
 @pytest.mark.compile

@@ -37,3 +37,14 @@ def memory_format(device: torch.device) -> torch.memory_format:
     faster on 2 cores (training step forward + backward, benchmarks/speed.py's networks: within this machine's +-10%
     noise for the tiny and small presets at 16-32 px, in repeated runs either way; no faster at 8 px)."""
     return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
+
+
+def compile_module(module: torch.nn.Module, *, asked: bool) -> torch.nn.Module:
+    """``torch.compile(module)``. When compilation was not ``asked`` for but is a default (a GPU's training step, a
+    long sampling job), a part that torch cannot compile runs eagerly with torch's warning (dynamo's
+    ``suppress_errors``) instead of stopping the work: a default must never make a run fail that eager would finish."""
+    if not asked:
+        from torch import _dynamo
+
+        _dynamo.config.suppress_errors = True
+    return torch.compile(module)

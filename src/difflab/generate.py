@@ -31,7 +31,7 @@ from difflab.conditioning import (
     parse_classes,
 )
 from difflab.denoisers import Denoiser, DenoiserFn
-from difflab.devices import autocast
+from difflab.devices import autocast, compile_module
 from difflab.errors import DifflabError
 from difflab.guidance import classifier_free_guidance, classifier_guidance, clip_x0, dynamic_threshold
 from difflab.models import Model, NoisyClassifier, load_model
@@ -179,7 +179,7 @@ def generate(model: Model, n: int, *, sampler: str | None = None, steps: int | N
     guided = guidance_scale is not None and guidance_scale != 1 and model.conditioner is not None
     batch_size = batch_size or default_batch_size(model, n, guided)
     if compile if compile is not None else compile_pays(model.device, n, cost(steps) if cost else 50):
-        model = dataclasses.replace(model, denoiser=compiled(model.denoiser))
+        model = dataclasses.replace(model, denoiser=compiled(model.denoiser, asked=compile is not None))
     den = guide(model, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, negative_prompt=negative_prompt,
                 classifier=classifier, classifier_scale=classifier_scale)
     clip = model.encoder.pixel_space if clip is None else clip
@@ -255,13 +255,13 @@ class _Compiled:
         return type(None), ()
 
 
-def compiled(denoiser: Denoiser) -> Denoiser:
+def compiled(denoiser: Denoiser, asked: bool = True) -> Denoiser:
     """The denoiser with ``torch.compile`` of its network, compiled once per network (kept with it, outside its
-    submodules and state dict) and once per batch shape by torch."""
+    submodules and state dict) and once per batch shape by torch (``asked``: see devices.compile_module)."""
     net = denoiser.net
     holder = net.__dict__.get("_difflab_compiled")
     if holder is None:
-        holder = _Compiled(torch.compile(net))
+        holder = _Compiled(compile_module(net, asked=asked))
         object.__setattr__(net, "_difflab_compiled", holder)  # not a submodule: no keys in its state dict
     return Denoiser(holder.module, denoiser.parameterization)
 

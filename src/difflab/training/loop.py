@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from difflab import distributed
-from difflab.devices import autocast, memory_format
+from difflab.devices import autocast, compile_module, memory_format
 from difflab.errors import DifflabError, Interrupted
 from difflab.training.checkpoint import (
     CheckpointWriteError,
@@ -243,7 +243,7 @@ def _loop(task: Task, state: RunState) -> None:
         train_net = nn.parallel.DistributedDataParallel(state.net, device_ids=[ctx.device.index]
                                                         if ctx.device.type == "cuda" else None)
     if compile_enabled(run, ctx.device):
-        train_net = torch.compile(train_net)
+        train_net = compile_module(train_net, asked=run.compile is not None)
     # backward, clipping, the non-finite gate, AdamW and the EMAs, queued on the device without waiting for it;
     # the host reads the device's accounts at the checks below (training/step.py)
     updater = Updater(state.net, state.emas, state.decays, state.optimizer, grad_clip=run.grad_clip,
