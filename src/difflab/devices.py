@@ -39,6 +39,15 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a host tensor bound for a GPU goes through pinned memory without blocking the host."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def compile_module(module: torch.nn.Module, *, asked: bool) -> torch.nn.Module:
     """``torch.compile(module)``. When compilation was not ``asked`` for but is a default (a GPU's training step, a
     long sampling job), a part that torch cannot compile runs eagerly with torch's warning (dynamo's

@@ -31,12 +31,11 @@ from difflab.conditioning import (
     parse_classes,
 )
 from difflab.denoisers import Denoiser, DenoiserFn
-from difflab.devices import autocast, compile_module
+from difflab.devices import autocast, compile_module, to_device
 from difflab.errors import DifflabError
 from difflab.guidance import classifier_free_guidance, classifier_guidance, clip_x0, dynamic_threshold
 from difflab.models import Model, NoisyClassifier, load_model
 from difflab.samplers import SAMPLERS, get_sampler
-from difflab.samplers.common import to_device
 from difflab.viz import to_pil
 
 

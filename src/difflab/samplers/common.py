@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from difflab.denoisers import DenoiserFn
+from difflab.devices import to_device
 from difflab.errors import DifflabError
 
 Generator = torch.Generator | list[torch.Generator] | None
@@ -40,15 +41,6 @@ def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
         device = generator.device if generator is not None else x.device
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device)
     return to_device(noise, x.device)
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``; a host tensor bound for a GPU goes through pinned memory without blocking the host."""
-    if t.device == device:
-        return t
-    if t.device.type == "cpu" and device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def denoise(denoiser: DenoiserFn, x: torch.Tensor, sigma: torch.Tensor, cond, i: int, callback) -> torch.Tensor:

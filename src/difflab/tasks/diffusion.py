@@ -23,7 +23,7 @@ import torch
 from difflab import distributed
 from difflab.conditioning import ClassConditioner, Cond, TextConditioner, cond_index, cond_len, read_prompts
 from difflab.denoisers import PARAMETERIZATIONS, Denoiser, EDMParameterization, Parameterization, VPParameterization
-from difflab.devices import autocast
+from difflab.devices import autocast, to_device
 from difflab.encoders import LatentEncoder, PixelEncoder, latent_cache, moments_statistics
 from difflab.errors import DifflabError
 from difflab.evaluation import make_evaluator
@@ -31,7 +31,6 @@ from difflab.generate import generate_sharded
 from difflab.losses import denoising_loss
 from difflab.models import Model, TrainedAutoencoder, load_autoencoder, load_model, model_config
 from difflab.nn import UNet, unet_config
-from difflab.samplers.common import to_device
 from difflab.schedules import make_schedule
 from difflab.tasks.images import load_training_images
 from difflab.tasks.text import prepare_text, text_conditioning
@@ -344,7 +343,8 @@ checkpoint and stops; a NaN step is skipped; --max-bad-steps of them in a row st
             given = {"prompts": [self.captions.texts[i % len(self.captions.texts)] for i in range(n)]}
         elif self.conditioner is not None:
             given = {"cond": self.conditioner.balanced(n)}
-        with autocast(self.ctx.device, self.run.precision):  # every process samples a share of the images; the main one scores them
+        # every process samples a share of the images; the main one scores them
+        with autocast(self.ctx.device, self.run.precision):
             fake = generate_sharded(self.model(ema), n, seed=10_000, **given, **self._guidance())
         result: dict[str, float] = {}
         self.ctx.on_main("evaluation", lambda: result.update(self.evaluator(fake)))

@@ -126,7 +126,6 @@ class RunState:
     step: int = 0                                   # steps done (skipped ones included)
     skipped: int = 0                                # non-finite steps so far: they changed nothing
     saved: int | None = None                        # the last step a checkpoint was attempted at
-    bad_in_a_row: int = 0                           # the longest run of non-finite steps the last check saw
     log: dict = field(default_factory=dict)         # what the next log row averages
 
     @property
@@ -276,14 +275,14 @@ def _loop(task: Task, state: RunState) -> None:
             show = bool(run.sample_every) and done % run.sample_every == 0 and done < run.steps
             save = done % run.checkpoint_every == 0 and done < run.steps
             # a check (the one wait for the device) before anything reads the weights or the step's accounts
-            diverged = False
+            diverged = 0  # non-finite steps in a row, once they reach --max-bad-steps
             if logged or evaluate or show or save or task.checks_before(done) or (world == 1 and stop_now):
                 diverged = _settle(task, state, updater.check())
             # one process stops when asked; under torchrun all stop at the step whose shared flag they all read
             stop_agreed = stop_now if world == 1 else updater.stop_seen
             task.after_step(done)  # after the EMAs, before any checkpoint of this step: what it changes is saved with it
             if diverged:
-                _diverged(task, state)
+                _diverged(task, state, diverged)
             if logged:  # every process keeps the same sums; main writes
                 row = log_row(state, run.batch_size)
                 ctx.log(row)
@@ -308,14 +307,14 @@ def compile_enabled(run, device: torch.device) -> bool:
     return run.compile if run.compile is not None else torch.device(device).type == "cuda"
 
 
-def _settle(task: Task, state: RunState, report) -> bool:
-    """Take a check's report into the run state: skipped steps (warned about), the log row's sums. Returns whether
-    --max-bad-steps non-finite steps in a row were reached (the loop stops after the step's after_step)."""
+def _settle(task: Task, state: RunState, report) -> int:
+    """Take a check's report into the run state: skipped steps (warned about), the log row's sums. Returns the
+    non-finite steps in a row when they reached --max-bad-steps (the loop stops after the step's after_step), else 0."""
     ctx, run, log = task.ctx, task.run, state.log
     state.skipped += len(report.bad) + len(report.rolled_back)
     log["finite"] += report.finite
-    for name, value in report.sums.items():
-        if report.finite:
+    if report.finite:
+        for name, value in report.sums.items():
             log["sums"][name] = log["sums"].get(name, 0.0) + value
     log.update(grad_norm=report.grad_norm, lr=report.lr)
     if ctx.main and (report.bad or report.rolled_back):
@@ -335,8 +334,8 @@ def _settle(task: Task, state: RunState, report) -> bool:
         for line in lines:
             tqdm.write(line)
     log["bad_in_a_row"] = report.bad_in_a_row
-    state.bad_in_a_row = report.most_in_a_row
-    return bool(run.max_bad_steps) and report.most_in_a_row >= run.max_bad_steps
+    reached = bool(run.max_bad_steps) and report.most_in_a_row >= run.max_bad_steps
+    return report.most_in_a_row if reached else 0
 
 
 def _ranges(steps: list[int]) -> str:
@@ -350,12 +349,12 @@ def _ranges(steps: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _diverged(task: Task, state: RunState) -> None:
+def _diverged(task: Task, state: RunState, in_a_row: int) -> None:
     """--max-bad-steps non-finite steps in a row: a checkpoint of the untouched weights, and one message."""
     run, ctx = task.run, task.ctx
     path = _checkpoint(task, state, state.step)
     raise DifflabError(
-        f"{state.bad_in_a_row} non-finite steps in a row (up to step {state.step}): training diverged. The "
+        f"{in_a_row} non-finite steps in a row (up to step {state.step}): training diverged. The "
         f"weights were not touched by those steps{f' and are saved in {path}' if path else ''}; resume with "
         f"a lower --lr or --grad-clip: {task.command} --resume {shell_quote(ctx.run_dir)} --lr {run.lr / 10:g}",
         all_ranks=True)

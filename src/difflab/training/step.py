@@ -56,7 +56,6 @@ class Report:
     bad_in_a_row: int             # non-finite steps in a row at the window's end (carried across windows)
     most_in_a_row: int            # the longest run of them that reached into the window
     undone: int | None            # the first step whose update made a weight non-finite (the window was undone)
-    stop: bool                    # a process was asked to stop (Ctrl-C, SIGTERM)
 
 
 class Updater:
@@ -97,7 +96,6 @@ class Updater:
         self.weights_bad = torch.zeros((), dtype=torch.bool, **zeros)
         self.undone_at = torch.full((), -1, dtype=torch.int64, **zeros)  # window index of a weight-breaking update
         self.run_at_start, self.most_run = self.bad_run.clone(), self.bad_run.clone()
-        self.stop = torch.zeros((), **zeros)
 
     def step(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], stop_requested: bool = False) -> None:
         """One step from the mean ``loss`` (and per-example ``metrics``) of this process's share of the batch."""
@@ -153,7 +151,6 @@ class Updater:
             self.most_run = torch.maximum(self.most_run, self.bad_run)
             self.grad_norm = mean[1]
             if self.world > 1:
-                self.stop = shared[-1]
                 self._read_stop(shared[-1])
         self.n += 1
 
@@ -174,12 +171,11 @@ class Updater:
         """Wait for the device and report the window since the previous check; a window in which an update made a
         weight non-finite is undone. Then a new window starts (its snapshot is taken before its first step)."""
         n, k = self.n, len(self.names or ())
-        counters = torch.stack([self.finite, self.run_at_start, self.bad_run, self.most_run, self.undone_at,
-                                self.stop != 0]).double()
+        counters = torch.stack([self.finite, self.run_at_start, self.bad_run, self.most_run, self.undone_at]).double()
         packed = torch.cat([self.sums, counters, self.grad_norm.double().view(1), self.lr.double().view(1),
                             self.flags[:n].double()]).tolist()  # the one sync
-        sums, counters, grad_norm, lr, flags = packed[:k], packed[k: k + 6], packed[k + 6], packed[k + 7], packed[k + 8:]
-        finite, run_at_start, bad_run, most_run, undone_at, stop = (int(v) for v in counters)
+        sums, counters, grad_norm, lr, flags = packed[:k], packed[k: k + 5], packed[k + 5], packed[k + 6], packed[k + 7:]
+        finite, run_at_start, bad_run, most_run, undone_at = (int(v) for v in counters)
         steps = range(self.first + 1, self.first + n + 1)
         bad, rolled_back = [s for s, f in zip(steps, flags) if f], []
         undone = None
@@ -191,7 +187,7 @@ class Updater:
             bad_run = most_run = (run_at_start if undone_at == 0 else 0) + 1
             self.bad_run.fill_(bad_run)
         report = Report(self.first, n, finite, dict(zip(self.names or (), sums)), grad_norm, lr, bad, rolled_back,
-                        bad_run, most_run, undone, bool(stop))
+                        bad_run, most_run, undone)
         self._snapshot_due = True
         self._new_window(self.first + n)
         return report
